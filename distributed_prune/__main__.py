@@ -1,0 +1,7 @@
+"""``python -m distributed_prune ...`` (same as the ``dprune`` console script)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Every torchvision classification model, by name, with random init (no download)."""
+import functools
+
+from ..errors import UserError
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_classifiers() -> tuple[str, ...]:
+    import torchvision.models as tvm
+
+    return tuple(tvm.list_models(module=tvm))
+
+
+def build_torchvision(name, num_classes=1000, **kwargs):
+    import torchvision.models as tvm
+
+    try:
+        return tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise UserError(f"model.name: torchvision model {name!r} rejected its arguments: {e}") from None

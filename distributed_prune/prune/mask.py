@@ -1,0 +1,94 @@
+"""Soft pruning: zero the pruned channels of every member of each coupled group and keep them
+zero through training (a forward pre-hook re-zeroes the weights; a gradient hook zeroes their
+gradients). The masked model computes exactly what the physically pruned one does."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from .groups import Graph
+from .plan import Plan, example_for
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _targets(mod: nn.Module, dim: str, idxs: list[int], name: str):
+    """(parameter name, tensor dim, channel indices) to zero for one group member."""
+    if isinstance(mod, nn.Linear):
+        return [("weight", 0, idxs), ("bias", 0, idxs)] if dim == "out" else [("weight", 1, idxs)]
+    if isinstance(mod, _CONVS):
+        if mod.groups == 1:
+            return [("weight", 0, idxs), ("bias", 0, idxs)] if dim == "out" else [("weight", 1, idxs)]
+        if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: in and out move together
+            return [("weight", 0, idxs), ("bias", 0, idxs)]
+        raise UserError(f"mask: grouped conv {name!r} (groups={mod.groups}) cannot be masked "
+                        "channel-wise; use mode='physical'")
+    if isinstance(mod, _NORMS):
+        return [("weight", 0, idxs), ("bias", 0, idxs)]
+    if not any(True for _ in mod.parameters(recurse=False)):
+        return []
+    raise UserError(f"mask: layer {name!r} ({type(mod).__name__}) cannot be masked exactly; "
+                    "use mode='physical'")
+
+
+class ChannelMasks:
+    """The masks of one model: ``entries`` are (module, param name, dim, index tensor)."""
+
+    def __init__(self):
+        self.entries: list[tuple[nn.Module, str, int, torch.Tensor]] = []
+        self.handles = []
+
+    def add(self, mod, pname, dim, idxs):
+        p = getattr(mod, pname, None)
+        if p is None or not idxs:
+            return
+        self.entries.append((mod, pname, dim, torch.tensor(sorted(set(idxs)), device=p.device)))
+
+    @torch.no_grad()
+    def zero_(self, module: nn.Module | None = None):
+        for mod, pname, dim, idx in self.entries:
+            if module is None or mod is module:
+                getattr(mod, pname).index_fill_(dim, idx.to(getattr(mod, pname).device), 0)
+
+    def install(self):
+        for mod in {id(e[0]): e[0] for e in self.entries}.values():
+            self.handles.append(mod.register_forward_pre_hook(lambda m, args: self.zero_(m)))
+        for mod, pname, dim, idx in self.entries:
+            p = getattr(mod, pname)
+            self.handles.append(p.register_hook(
+                lambda g, dim=dim, idx=idx: g.index_fill(dim, idx.to(g.device), 0)))
+        self.zero_()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def apply_masks(model: nn.Module, plan: Plan) -> nn.Module:
+    """Zero the plan's pruned channels across their coupled groups; return ``model`` (in place)."""
+    graph = Graph(model, example_for(plan, model))
+    masks = ChannelMasks()
+    for g in plan.groups:
+        pruned = plan.pruned(g)
+        if not pruned:
+            continue
+        for mb in graph.members(g.root, pruned):
+            for pname, dim, idxs in _targets(mb.module, mb.dim, mb.idxs, mb.name):
+                masks.add(mb.module, pname, dim, idxs)
+    old = getattr(model, "_dprune_masks", None)
+    if old is not None:
+        old.remove()
+    masks.install()
+    model._dprune_masks = masks
+    return model
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    masks = getattr(model, "_dprune_masks", None)
+    if masks is not None:
+        masks.remove()
+        del model._dprune_masks
+    return model

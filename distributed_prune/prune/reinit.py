@@ -1,0 +1,123 @@
+"""Re-initialisation of a pruned model before retraining: ``none``, ``orthp``, ``scratch``.
+
+PAPER.md section 3: pruning damages dynamical isometry; OrthP restores it for linear networks by
+replacing every weight with the nearest-in-spirit orthogonal matrix.  ``scratch`` re-initialises the
+pruned (already small, dense) architecture for Scratch-E / Scratch-B baselines.
+
+Usage::
+
+    from distributed_prune.prune.reinit import reinit
+    model = reinit("orthp", pruned_model, activation="relu")
+
+New methods register themselves with ``@register_reinit("name")``; a method is
+``fn(model, *, activation) -> model`` and works in place.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from distributed_prune.errors import UserError
+
+__all__ = ["REINITS", "register_reinit", "reinit", "activation_gain", "orthogonalize_"]
+
+ReinitFn = Callable[..., nn.Module]
+REINITS: dict[str, ReinitFn] = {}
+
+# Layers whose weight OrthP orthogonalises (subclasses included).
+_ORTH_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def register_reinit(name: str) -> Callable[[ReinitFn], ReinitFn]:
+    """Decorator adding ``fn(model, *, activation) -> model`` to ``REINITS`` under ``name``."""
+    def deco(fn: ReinitFn) -> ReinitFn:
+        if name in REINITS:
+            raise ValueError(f"reinit method {name!r} is already registered")
+        REINITS[name] = fn
+        return fn
+    return deco
+
+
+def reinit(name: str, model: nn.Module, *, activation: str = "relu") -> nn.Module:
+    """Apply the registered re-initialisation ``name`` to ``model`` in place and return it.
+
+    Raises:
+        UserError: unknown ``name`` (the message lists the valid ones) or unknown ``activation``.
+    """
+    if name not in REINITS:
+        raise UserError(f"unknown reinit method {name!r}; valid: {', '.join(sorted(REINITS))}")
+    return REINITS[name](model, activation=activation)
+
+
+def activation_gain(activation: str) -> float:
+    """Gain of the nonlinearity that follows a layer: 1 for ``linear``/``identity``, sqrt(2) for
+    ``relu``; other names as ``torch.nn.init.calculate_gain`` (``tanh``, ``sigmoid``, ...)."""
+    if activation in ("linear", "identity"):
+        return 1.0
+    if activation == "relu":
+        return math.sqrt(2.0)
+    try:
+        return float(nn.init.calculate_gain(activation))
+    except ValueError:
+        raise UserError(f"unknown activation {activation!r} for reinit; use linear, identity, relu, "
+                        "leaky_relu, tanh, sigmoid or selu") from None
+
+
+@torch.no_grad()
+def orthogonalize_(weight: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """Replace ``weight`` in place by ``gain * Q * sign(diag(R))`` of the QR of its flattened form.
+
+    ``weight`` of shape ``(out, *rest)`` is viewed as ``W`` of shape ``(out, prod(rest))``; if
+    ``out < prod(rest)`` (wide) ``W^T`` is factorised instead, so the result has orthonormal rows
+    (``W W^T = gain^2 I``) when wide and orthonormal columns (``W^T W = gain^2 I``) when tall.
+    The sign correction makes the factorisation unique (and equal to ``W`` if ``W`` already was
+    orthogonal).  Computed in float64, written back in the weight's dtype.
+    """
+    w = weight.detach().reshape(weight.shape[0], -1).double()
+    wide = w.shape[0] < w.shape[1]
+    if wide:
+        w = w.T
+    q, r = torch.linalg.qr(w)  # reduced: q (rows, cols) with rows >= cols
+    d = torch.diagonal(r).sign()
+    q = q * torch.where(d == 0, torch.ones_like(d), d)  # scale column j by sign(R_jj)
+    if wide:
+        q = q.T
+    weight.copy_((gain * q).reshape(weight.shape).to(weight.dtype))
+    return weight
+
+
+@register_reinit("none")
+def _none(model: nn.Module, *, activation: str = "relu") -> nn.Module:
+    """Keep the inherited weights."""
+    return model
+
+
+@register_reinit("orthp")
+def _orthp(model: nn.Module, *, activation: str = "relu") -> nn.Module:
+    """OrthP: orthogonalise every Conv1d/2d/3d and Linear weight (``orthogonalize_``) times the
+    activation gain; biases, BatchNorm and all other parameters are left as they are."""
+    gain = activation_gain(activation)
+    for m in model.modules():
+        if isinstance(m, _ORTH_LAYERS) and isinstance(getattr(m, "weight", None), torch.Tensor):
+            orthogonalize_(m.weight, gain)
+    return model
+
+
+@register_reinit("scratch")
+def _scratch(model: nn.Module, *, activation: str = "relu") -> nn.Module:
+    """Fresh default init of the given (already small, dense) model: ``reset_parameters()`` on every
+    submodule that defines it (Conv, Linear, BatchNorm incl. running stats, ...).
+
+    Draws from the global torch RNG, so ``torch.manual_seed`` beforehand makes it deterministic.
+    A model whose constructor applies a custom init (e.g. Kaiming-normal convs, zero-init residual
+    BN) is not reproduced by ``reset_parameters``; for that, build the architecture anew
+    (``models.create`` + ``prune.replay``).
+    """
+    for m in model.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return model

@@ -1,0 +1,53 @@
+"""Install: ``pip install .`` (add ``[ffcv]``, ``[deepspeed]``, ``[dev]`` as needed).
+
+Runtime requirements are loose on purpose (bring your own CUDA torch); the versions used for
+development and CI are pinned in launch/constraints.txt. The optional native extension in csrc/
+is built when torch and a C++ compiler are importable at build time (use
+``pip install --no-build-isolation .``); otherwise it is skipped and the pure-PyTorch / Triton
+kernels are used.
+"""
+from setuptools import find_packages, setup
+
+
+def _native():
+    try:
+        from distributed_prune.kernels.native_build import build_ext_cmdclass, extension_modules
+
+        mods = extension_modules()
+        return (mods, build_ext_cmdclass()) if mods else ([], {})
+    except Exception as e:  # no torch at build time, no compiler: the extension is optional
+        print(f"distributed_prune: skipping the native extension ({type(e).__name__}: {e})")
+        return [], {}
+
+
+ext_modules, cmdclass = _native()
+
+setup(
+    name="distributed_prune",
+    version="0.1.0",
+    description="Fair, fast, large-scale filter pruning (prune-and-retrain, trainability, DDP/DeepSpeed, FFCV, Triton)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["distributed_prune", "distributed_prune.*"]),
+    package_data={"distributed_prune": ["kernels/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "torch-pruning>=1.5",
+        "numpy",
+        "pyyaml",
+        "pydantic>=2",
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
+    ],
+    extras_require={
+        "ffcv": ["ffcv>=1.0.2", "numba", "opencv-python-headless"],
+        "deepspeed": ["deepspeed>=0.14"],
+        "dev": ["pytest", "pytest-timeout", "ninja"],
+    },
+    entry_points={"console_scripts": ["dprune=distributed_prune.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
