@@ -1,0 +1,160 @@
+"""The one owner of distributed state.
+
+Reads the environment of ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), the
+``deepspeed`` launcher (the same variables) and SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+with MASTER_ADDR/MASTER_PORT exported by the sbatch script); picks the backend (nccl on GPU, gloo
+on CPU); sets the device. Every helper works without a process group (rank 0 of 1), so the rest of
+the code never branches on "distributed or not".
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str | None = None
+    device: torch.device = torch.device("cpu")
+    launcher: str = "none"
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_CTX = Context()
+
+
+def _env_int(*names, default=None):
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return int(v)
+    return default
+
+
+def detect() -> Context:
+    """Read the launcher's environment (no side effects)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        launcher = "deepspeed" if "DEEPSPEED_ENVIRONMENT_NAME" in os.environ or \
+            os.environ.get("CROSS_RANK") is not None else "torchrun"
+        rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        local = _env_int("LOCAL_RANK", default=0)
+        local_world = _env_int("LOCAL_WORLD_SIZE", default=world)
+    elif "SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", default=1) > 1:
+        launcher = "slurm"
+        rank, world = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+        local = _env_int("SLURM_LOCALID", default=0)
+        local_world = _env_int("SLURM_NTASKS_PER_NODE", default=world)
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(local))
+    else:
+        return Context()
+    return Context(rank, world, local, local_world, launcher=launcher)
+
+
+def init(device: str = "auto", backend: str = "auto", engine: str = "ddp") -> Context:
+    """Set up the process group (if launched with several processes) and the device."""
+    global _CTX
+    ctx = detect()
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+
+        raise UserError("train.device=cuda but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(ctx.local_rank % torch.cuda.device_count())
+        ctx.device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        ctx.device = torch.device("cpu")
+    if ctx.distributed and not tdist.is_initialized():
+        ctx.backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+        timeout = datetime.timedelta(minutes=int(os.environ.get("DPRUNE_DIST_TIMEOUT_MIN", "30")))
+        if engine == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=ctx.backend, timeout=timeout)
+        else:
+            kw = {"device_id": ctx.device} if use_cuda else {}
+            tdist.init_process_group(ctx.backend, timeout=timeout, **kw)
+    elif tdist.is_initialized():
+        ctx.backend = tdist.get_backend()
+    _CTX = ctx
+    return ctx
+
+
+def context() -> Context:
+    return _CTX
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def is_primary() -> bool:
+    return get_rank() == 0
+
+
+def barrier():
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity without a process group)."""
+    if tdist.is_initialized() and get_world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t).div_(get_world_size())
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not (tdist.is_initialized() and get_world_size() > 1):
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not (tdist.is_initialized() and get_world_size() > 1):
+        return [obj]
+    out = [None] * get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown(*objects_to_drop):
+    """Tear down in an order that avoids "terminate called without an active exception" at
+    exit (ENV.md): drop engine references, collect, barrier, then destroy the process group."""
+    for o in objects_to_drop:
+        del o
+    gc.collect()
+    if tdist.is_initialized():
+        try:
+            tdist.barrier()
+        finally:
+            tdist.destroy_process_group()

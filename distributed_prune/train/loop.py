@@ -1,0 +1,95 @@
+"""One training loop for pretraining, the regularization (pruning) phase, retraining and
+scratch training, plus evaluation that counts every sample exactly once across ranks.
+
+No host synchronisation per step: loss and accuracy are accumulated on the device and read
+once per epoch (after an all-reduce).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import dist
+
+
+def _to(x, device, channels_last):
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
+                label_smoothing: float = 0.0, channels_last: bool = False,
+                extra_loss: Optional[Callable[[], torch.Tensor]] = None,
+                grad_hook: Optional[Callable[[int], None]] = None,
+                iteration0: int = 0, progress: bool = False, desc: str = "") -> dict:
+    """One epoch. ``extra_loss()`` is added to the task loss (TPP); ``grad_hook(iteration)``
+    runs after backward and before the optimizer step (GReg); ``iteration0`` is the global
+    optimizer-step count at the start of the epoch. Returns train_loss, train_top1, iterations."""
+    model, device = engine.model, engine.device
+    model.train()
+    n_batches = len(loader)
+    steps = max(1, -(-n_batches // grad_accum))
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = torch.zeros((), device=device, dtype=torch.int64)
+    it = 0
+    bar = None
+    if progress and dist.is_primary():
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_batches, desc=desc, leave=False, dynamic_ncols=True)
+    for i, (x, y) in enumerate(loader):
+        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        last_micro = (i + 1) % grad_accum == 0 or i + 1 == n_batches
+        if i % grad_accum == 0:
+            lr_driver.step(epoch, it)
+        with engine.no_sync(not last_micro):
+            with engine.autocast():
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+            total = loss if extra_loss is None else loss + extra_loss()
+            engine.backward(total / grad_accum)
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (out.detach().argmax(1) == y).sum()
+        count += y.numel()
+        if last_micro:
+            if grad_hook is not None:
+                engine.unscale()
+                grad_hook(iteration0 + it)
+            engine.step()
+            it += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    stats = torch.stack([loss_sum, correct.double(), count.double()])
+    dist.all_reduce_sum(stats)
+    loss_v, correct_v, count_v = stats.tolist()
+    return {"train_loss": loss_v / max(count_v, 1), "train_top1": correct_v / max(count_v, 1),
+            "iterations": it}
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, device, amp_dtype=None, channels_last=False) -> float:
+    """Top-1 accuracy (fraction) over the whole evaluation set: correct and sample counts are
+    summed over ranks (each rank evaluates a disjoint shard, no padding)."""
+    was = model.training
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = torch.zeros((), device=device, dtype=torch.int64)
+    for x, y in loader:
+        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            out = model(x)
+        correct += (out.argmax(1) == y).sum()
+        count += y.numel()
+    model.train(was)
+    stats = torch.stack([correct, count]).double()
+    dist.all_reduce_sum(stats)
+    c, n = stats.tolist()
+    return c / max(n, 1)
