@@ -172,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        # key=value overrides may also follow options (dprune sweep CFG --grid a=1,2 b=3)
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        elif extra:
+            raise UserError(f"dprune: unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"dprune: error: {e}", file=sys.stderr)

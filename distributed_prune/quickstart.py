@@ -1,0 +1,182 @@
+"""``dprune quickstart``: the paper's trainability story, on real data, on a CPU, in about a minute.
+
+On scikit-learn's bundled digits (1,797 real 8x8 images) it trains MLP-7-Linear, tabulates the
+mean Jacobian singular value (JSV) against the L1 pruning ratio, then prunes at 0.8 and retrains
+with LR 0.01, LR 0.001 and LR 0.01 + OrthP, logging accuracy and JSV every epoch (PAPER.md
+section 8). Everything goes through the same pipeline as ``dprune run`` (each arm is a run
+directory with its own summary.json), and ``report.md`` says whether the paper's findings held.
+
+    dprune quickstart --out runs/quickstart
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from . import prune
+
+# The embedded default; configs/quickstart.yaml holds the same values (a test keeps them equal).
+DEFAULT = {
+    "seed": 0,
+    "model": {"name": "mlp_7_linear", "activation": "linear"},
+    "data": {"name": "digits", "batch_size": 64, "val_batch_size": 256},
+    "pretrain": {"epochs": 60, "lr_schedule": "0:0.01", "weight_decay": 0.0001},
+    "prune": {"method": "l1", "ratios": "[0-5:0.8,6:0]", "reinit": "none"},
+    "retrain": {"epochs": 30, "lr_schedule": "0:0.01,10:0.001,20:0.0001", "weight_decay": 0.0001},
+    "train": {"progress": False},
+    "trainability": {"jsv": True, "every_epoch": True, "samples": 64, "method": "exact"},
+}
+RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+PRUNE_RATIO = 0.8
+ARMS = ((0.01, "none"), (0.001, "none"), (0.01, "orthp"))
+
+
+def _cfg(base: dict, **dotted) -> config_mod.Config:
+    d = copy.deepcopy(base)
+    for key, value in dotted.items():
+        config_mod._set(d, key.replace("__", "."), value)
+    return config_mod.from_dict(d)
+
+
+def run_quickstart(out: str | os.PathLike, *, fast: bool = False, base: dict | None = None) -> dict:
+    from .pipeline import build_data, build_model, run
+    from .trainability import jsv
+
+    out = Path(out)
+    base = copy.deepcopy(base or DEFAULT)
+    if fast:  # smoke-test size: same shape, fewer epochs
+        base["pretrain"]["epochs"] = 20
+        base["retrain"]["epochs"] = 6
+        base["retrain"]["lr_schedule"] = "0:0.01,2:0.001,4:0.0001"
+    re_epochs = base["retrain"]["epochs"]
+    stage = max(1, re_epochs // 3)
+
+    def sched(lr):
+        return f"0:{lr:g},{stage}:{lr / 10:g},{2 * stage}:{lr / 100:g}"
+
+    # 1. the dense base model (pretrain only), shared by every arm: an S2-or-stricter comparison
+    run(_cfg(base, prune__method="none", retrain__epochs=0, output__dir=str(out / "base")))
+    base_ckpt = out / "base" / "checkpoints" / "base.pt"
+
+    # 2. mean JSV against the pruning ratio, on the same base weights
+    cfg = _cfg(base, output__dir=str(out / "base"))
+    data = build_data(cfg, _Ctx(), cfg.data.batch_size)
+    xs = torch.cat([x for x, _ in data.val])[: base["trainability"]["samples"]]
+    dense = build_model(cfg, data.info)
+    ckpt.load_state(dense, ckpt.load(base_ckpt)["state_dict"])
+    jsv_by_ratio = {}
+    for r in RATIOS:
+        m = copy.deepcopy(dense)
+        if r > 0:
+            m = prune.apply(m, prune.plan(m, f"[0-5:{r},6:0]", example_input=xs[:1]), mode="physical")
+        jsv_by_ratio[str(r)] = jsv(m, xs, method="exact")["mean"]
+        print(f"[quickstart] ratio {r:.1f}: mean JSV {jsv_by_ratio[str(r)]:.4g}", flush=True)
+
+    # 3. prune at 0.8, retrain with LR 0.01 / 0.001 / 0.01 + OrthP
+    runs = []
+    for lr, reinit in ARMS:
+        name = f"prune{PRUNE_RATIO}_lr{lr:g}_{reinit}"
+        summary = run(_cfg(base, output__dir=str(out / name), pretrain__checkpoint=str(base_ckpt),
+                           prune__ratios=f"[0-5:{PRUNE_RATIO},6:0]", prune__reinit=reinit,
+                           retrain__lr_schedule=sched(lr)))
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if r["stage"] == "retrain"]
+        runs.append({"name": name, "ratio": PRUNE_RATIO, "lr": lr, "reinit": reinit,
+                     "top1_by_epoch": [r["top1"] for r in rows],
+                     "jsv_by_epoch": [r.get("jsv_mean") for r in rows],
+                     "jsv_after_prune": summary["pruned"]["jsv_mean"],
+                     "trainability_accuracy": summary["trainability_accuracy"],
+                     "final_top1": summary["final"]["top1"], "dir": name})
+    result = {"jsv_by_ratio": jsv_by_ratio, "runs": runs, "dense_top1": summary["dense"]["top1"],
+              "ta_epochs": stage, "findings": _findings(jsv_by_ratio, runs)}
+    (out / "quickstart.json").write_text(json.dumps(result, indent=1))
+    _plots(out, result)
+    (out / "report.md").write_text(_markdown(result))
+    print(f"[quickstart] report: {out / 'report.md'}  (data: {out / 'quickstart.json'})", flush=True)
+    return result
+
+
+class _Ctx:
+    """Single-process context for building the evaluation data outside a run."""
+    distributed, rank, world_size = False, 0, 1
+    device = torch.device("cpu")
+
+
+def _findings(jsv_by_ratio, runs) -> list[dict]:
+    vals = [jsv_by_ratio[str(r)] for r in RATIOS]
+    by = {(r["lr"], r["reinit"]): r for r in runs}
+    hi, lo, orth = by[(0.01, "none")], by[(0.001, "none")], by[(0.01, "orthp")]
+    return [
+        {"claim": "mean JSV falls monotonically with the pruning ratio",
+         "held": all(a > b for a, b in zip(vals, vals[1:]))},
+        {"claim": "the larger retraining LR (0.01) gives better final accuracy than 0.001 (M1)",
+         "held": hi["final_top1"] > lo["final_top1"]},
+        {"claim": "the larger LR gives higher trainability accuracy (TA) than 0.001",
+         "held": (hi["trainability_accuracy"] or 0) > (lo["trainability_accuracy"] or 0)},
+        {"claim": "OrthP restores the mean JSV damaged by pruning (linear net)",
+         "held": orth["jsv_after_prune"] > hi["jsv_after_prune"]},
+    ]
+
+
+def _plots(out: Path, result: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for r in result["runs"]:
+        label = f"LR {r['lr']:g}" + (" + OrthP" if r["reinit"] == "orthp" else "")
+        ax[0].plot(range(1, len(r["top1_by_epoch"]) + 1), [100 * v for v in r["top1_by_epoch"]], label=label)
+        ax[1].semilogy(range(1, len(r["jsv_by_epoch"]) + 1), r["jsv_by_epoch"], label=label)
+    ax[0].set(xlabel="retrain epoch", ylabel="test top-1 (%)", title="MLP-7-Linear, digits, ratio 0.8")
+    ax[1].set(xlabel="retrain epoch", ylabel="mean JSV", title="trainability during retraining")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "retrain_by_epoch.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    rs = [float(k) for k in result["jsv_by_ratio"]]
+    ax.semilogy(rs, list(result["jsv_by_ratio"].values()), "o-")
+    ax.set(xlabel="L1 pruning ratio (layers 0-5)", ylabel="mean JSV", title="JSV vs pruning ratio")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "jsv_vs_ratio.png", dpi=100)
+    plt.close(fig)
+
+
+def _markdown(result: dict) -> str:
+    lines = ["# Quickstart: pruning damages trainability (digits, MLP-7-Linear)", "",
+             f"Dense model top-1: {100 * result['dense_top1']:.2f}%.", "",
+             "## Mean JSV vs pruning ratio (L1, layers 0-5, no retraining)", "",
+             "| ratio | mean JSV |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in result["jsv_by_ratio"].items()]
+    lines += ["", "![JSV vs ratio](jsv_vs_ratio.png)", "",
+              f"## Retraining at ratio {PRUNE_RATIO} (TA = mean top-1 over the first {result['ta_epochs']} epochs)", "",
+              "| retrain | JSV after pruning | TA | final top-1 | run dir |", "|---|---|---|---|---|"]
+    for r in result["runs"]:
+        label = f"LR {r['lr']:g}" + (" + OrthP" if r["reinit"] == "orthp" else "")
+        lines.append(f"| {label} | {r['jsv_after_prune']:.4g} | {100 * r['trainability_accuracy']:.2f}% | "
+                     f"{100 * r['final_top1']:.2f}% | {r['dir']} |")
+    lines += ["", "![accuracy and JSV per epoch](retrain_by_epoch.png)", "",
+              "## Did the paper's findings hold here?", ""]
+    lines += [f"- {'HELD' if f['held'] else 'NOT HELD'}: {f['claim']}" for f in result["findings"]]
+    lines += ["", "PAPER.md section 8 expects JSV 8.47 dense -> 0.11 at 0.7 and 0.001 at 0.9; at 0.8, "
+              "LR 0.01 -> 0.87 top-1 vs 0.51 for LR 0.001. Exact figures depend on the schedule and seed.",
+              "", "Compare the arms with `dprune report " + " ".join(r["dir"] for r in result["runs"]) +
+              "`: they share the base model and retraining epochs but not the LR schedule, so the "
+              "comparison is S3.1 (not fair in the paper's sense: the LR, not the method, differs).", ""]
+    return "\n".join(lines)
+
+
+def cli_main(args) -> int:
+    run_quickstart(args.out, fast=args.fast)
+    return 0
