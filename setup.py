@@ -6,17 +6,25 @@ is built when torch and a C++ compiler are importable at build time (use
 ``pip install --no-build-isolation .``); otherwise it is skipped and the pure-PyTorch / Triton
 kernels are used.
 """
+import importlib.util
+import os
+
 from setuptools import find_packages, setup
 
 
 def _native():
+    """Extension modules from kernels/native_build.py, loaded by path (the package itself is not
+    importable before it is installed). No torch or no compiler: a pure-Python install."""
     try:
-        from distributed_prune.kernels.native_build import build_ext_cmdclass, extension_modules
-
-        mods = extension_modules()
-        return (mods, build_ext_cmdclass()) if mods else ([], {})
-    except Exception as e:  # no torch at build time, no compiler: the extension is optional
-        print(f"distributed_prune: skipping the native extension ({type(e).__name__}: {e})")
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = os.path.join(here, "distributed_prune", "kernels", "native_build.py")
+        spec = importlib.util.spec_from_file_location("_dprune_native_build", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mods = mod.extension_modules()
+        return (mods, mod.build_ext_cmdclass()) if mods else ([], {})
+    except Exception as e:  # the extension is optional
+        print(f"distributed_prune: building without native ops ({type(e).__name__}: {e})")
         return [], {}
 
 

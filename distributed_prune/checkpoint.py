@@ -62,6 +62,9 @@ def load(path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, unpickling refused
         raise UserError(f"checkpoint {path}: unreadable or corrupt ({type(e).__name__})") from None
+    if isinstance(obj, dict) and obj and "state_dict" not in obj and \
+            all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = {"state_dict": obj, "plan": None, "config": {}}  # a plain state_dict (e.g. torchvision .pth)
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise UserError(f"checkpoint {path}: not a distributed_prune checkpoint")
     return obj
