@@ -22,12 +22,13 @@ __all__ = ["plan", "apply", "replay", "Plan", "GroupPlan", "parse_ratios", "reso
            "n_pruned", "prunable_layers", "remove_masks"]
 
 
-def apply(model: nn.Module, plan: Plan, mode: str = "physical") -> nn.Module:
-    """Apply ``plan`` to ``model`` in place: ``"physical"`` cuts channels, ``"mask"`` zeroes them."""
+def apply(model: nn.Module, plan: Plan, mode: str = "physical", kernel: str = "auto") -> nn.Module:
+    """Apply ``plan`` to ``model`` in place: ``"physical"`` cuts channels, ``"mask"`` zeroes them
+    (``kernel``: ``auto`` uses MaskedConv2d kernels on CUDA, ``hooks`` / ``masked_conv`` force)."""
     if mode == "physical":
         return apply_physical(model, plan)
     if mode == "mask":
-        return apply_masks(model, plan)
+        return apply_masks(model, plan, kernel=kernel)
     raise UserError(f"prune.apply: unknown mode {mode!r} (physical or mask)")
 
 

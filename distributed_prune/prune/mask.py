@@ -67,17 +67,62 @@ class ChannelMasks:
         self.handles.clear()
 
 
-def apply_masks(model: nn.Module, plan: Plan) -> nn.Module:
-    """Zero the plan's pruned channels across their coupled groups; return ``model`` (in place)."""
+def _use_masked_conv(model: nn.Module, kernel: str) -> bool:
+    if kernel not in ("auto", "hooks", "masked_conv"):
+        raise UserError(f"mask: unknown kernel {kernel!r} (auto, hooks, masked_conv)")
+    if kernel == "auto":
+        p = next(model.parameters(), None)
+        return p is not None and p.is_cuda
+    return kernel == "masked_conv"
+
+
+def _swap_masked_convs(model: nn.Module, members) -> dict:
+    """Replace plain Conv2d members whose output (or input) channels are pruned by
+    :class:`~distributed_prune.kernels.MaskedConv2d` (same Parameters, so optimizer state stays
+    valid): its kernel skips the pruned filters instead of computing zeros. Returns old -> new."""
+    from ..kernels import MaskedConv2d
+
+    outs, ins = {}, {}
+    for mb in members:
+        m = mb.module
+        if type(m) is nn.Conv2d and m.groups == 1:
+            (outs if mb.dim == "out" else ins).setdefault(mb.name, set()).update(mb.idxs)
+    swapped = {}
+    for name in set(outs) | set(ins):
+        conv = model.get_submodule(name)
+        out_mask = torch.ones(conv.out_channels)
+        out_mask[sorted(outs.get(name, ()))] = 0
+        in_mask = None
+        if name in ins:
+            in_mask = torch.ones(conv.in_channels)
+            in_mask[sorted(ins[name])] = 0
+        new = MaskedConv2d.from_conv(conv, out_mask, in_mask)
+        # masks are derived from the plan: keep the state_dict keys those of nn.Conv2d
+        new._non_persistent_buffers_set.update({"out_mask", "in_mask"})
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        swapped[conv] = new
+    return swapped
+
+
+def apply_masks(model: nn.Module, plan: Plan, kernel: str = "auto") -> nn.Module:
+    """Zero the plan's pruned channels across their coupled groups; return ``model`` (in place).
+
+    ``kernel``: ``"masked_conv"`` swaps pruned Conv2d layers for MaskedConv2d (Triton / native
+    kernels that skip masked filters); ``"hooks"`` keeps the modules; ``"auto"`` swaps on CUDA."""
+    use_kernel = _use_masked_conv(model, kernel)
     graph = Graph(model, example_for(plan, model))
-    masks = ChannelMasks()
+    members = []
     for g in plan.groups:
         pruned = plan.pruned(g)
-        if not pruned:
-            continue
-        for mb in graph.members(g.root, pruned):
-            for pname, dim, idxs in _targets(mb.module, mb.dim, mb.idxs, mb.name):
-                masks.add(mb.module, pname, dim, idxs)
+        if pruned:
+            members += graph.members(g.root, pruned)
+    swapped = _swap_masked_convs(model, members) if use_kernel else {}
+    masks = ChannelMasks()
+    for mb in members:
+        mod = swapped.get(mb.module, mb.module)
+        for pname, dim, idxs in _targets(mod, mb.dim, mb.idxs, mb.name):
+            masks.add(mod, pname, dim, idxs)
     old = getattr(model, "_dprune_masks", None)
     if old is not None:
         old.remove()

@@ -90,3 +90,26 @@ def test_replay_rebuilds_architecture_for_state_dict():
     fresh.load_state_dict(small.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fresh.eval()(x), small.eval()(x))
+
+
+@pytest.mark.parametrize("name,spec,shape", [("vgg_tiny", "[1-3:0.5]", (1, 8, 8)),
+                                             ("resnet20", "[0,0.5,0.5,0.5,0]", (3, 8, 8))])
+def test_masked_conv_kernel_equals_physical(name, spec, shape):
+    """mode="mask" with the MaskedConv2d kernels (Triton under TRITON_INTERPRET=1 here, on CUDA in
+    production) computes what the physically pruned model computes, and keeps state_dict keys."""
+    from distributed_prune.kernels import MaskedConv2d
+
+    net = models.create(name, num_classes=10, in_channels=shape[0])
+    _warm_bn(net, shape)
+    x = torch.randn(2, *shape)
+    p = prune.plan(net, spec, example_input=x[:1])
+    phys = prune.apply(copy.deepcopy(net), p, mode="physical").eval()
+    masked = prune.apply(copy.deepcopy(net), p, mode="mask", kernel="masked_conv").eval()
+    assert any(isinstance(m, MaskedConv2d) for m in masked.modules())
+    assert set(masked.state_dict()) == set(net.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = phys(xa), masked(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)

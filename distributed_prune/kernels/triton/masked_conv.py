@@ -1,0 +1,481 @@
+"""Masked 2-D convolution that only computes active channels (Triton, implicit GEMM).
+
+Forward: gather the active filters (rows of ``weight`` where ``out_mask != 0``; and, for groups=1,
+the active input channels where ``in_mask != 0``) into a compact weight ``Wc`` of shape
+(M_act, C_act, KH, KW), run an implicit-GEMM convolution over the active channels only
+(GEMM of shape [N*OH*OW, C_act*KH*KW] x [C_act*KH*KW, M_act], im2col done on the fly from
+the strided input, so NCHW and channels_last both work) and store the result straight into the
+active channels of a zero output.  Cost is proportional to M_act * C_act.
+
+Backward runs over the same compact set: grad-input is an implicit transposed convolution
+(reduction over M_act*KH*KW), grad-weight an implicit GEMM reduced over the N*OH*OW positions
+(split over programs on GPU); masked filter rows get zero gradient.
+
+Grouped convolutions (groups > 1, depthwise included) use a broadcast-multiply-reduce tile
+instead of ``tl.dot`` because the input channel depends on the output channel's group; there
+``in_mask`` zeroes the gathered weights rather than shrinking the reduction.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import interpreter_enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_k(offs_k, KC, KH: tl.constexpr, KW: tl.constexpr, CL: tl.constexpr):
+    # Reduction index k -> (channel slot, kh, kw).  CL (channels_last): k = (kh, kw, c) so that
+    # consecutive k are consecutive channels in memory; NCHW: k = (c, kh, kw).
+    if CL:
+        c = offs_k % KC
+        t = offs_k // KC
+    else:
+        c = offs_k // (KH * KW)
+        t = offs_k % (KH * KW)
+    return c, t // KW, t % KW
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_idx_ptr, in_idx_ptr, y_ptr,
+                H, W, OH, OW, P, M, K, KC, CG, OG,
+                sxn, sxc, sxh, sxw, swm, swc, swh, sww, syn, syc, syh, syw,
+                SH, SW, PH, PW, DH, DW,
+                KH: tl.constexpr, KW: tl.constexpr, CL: tl.constexpr,
+                HAS_IN_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Tile: BP output positions (n, oh, ow) x BN active output channels; loop over K.
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    p_ok = offs_p < P
+    nb = offs_p // (OH * OW)
+    r = offs_p % (OH * OW)
+    oh = r // OW
+    ow = r % OW
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+    x_row = nb.to(tl.int64) * sxn                                      # [BP]
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < M
+    co = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0)            # original channel ids
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < K
+        c, kh, kw = _decode_k(offs_k, KC, KH, KW, CL)
+        ih = ih0[:, None] + kh[None, :] * DH                           # [BP, BK]
+        iw = iw0[:, None] + kw[None, :] * DW
+        a_ok = p_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        sp = ih * sxh + iw * sxw
+        w_off = c * swc + kh * swh + kw * sww                          # [BK]
+        b = tl.load(w_ptr + offs_n[None, :] * swm + w_off[:, None],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)     # [BK, BN]
+        if GROUPED:
+            # input channel = group(co) * CG + c: depends on both k and n -> [BP, BK, BN]
+            ci = (co // OG)[None, :] * CG + c[:, None]                 # [BK, BN]
+            a = tl.load(x_ptr + x_row[:, None, None] + ci[None, :, :].to(tl.int64) * sxc
+                        + sp[:, :, None],
+                        mask=a_ok[:, :, None] & n_ok[None, None, :], other=0.0)
+            acc += tl.sum(a.to(tl.float32) * b.to(tl.float32)[None, :, :], axis=1)
+        else:
+            if HAS_IN_IDX:
+                ci = tl.load(in_idx_ptr + c, mask=k_ok, other=0)
+            else:
+                ci = c
+            a = tl.load(x_ptr + x_row[:, None] + ci[None, :].to(tl.int64) * sxc + sp,
+                        mask=a_ok, other=0.0)                          # [BP, BK]
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+            else:
+                acc += tl.dot(a, b, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # Scatter into the active channels of the (zero-initialised) output.
+    y_off = (nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + co[None, :].to(tl.int64) * syc
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(x_ptr, g_ptr, out_idx_ptr, in_idx_ptr, dw_ptr,
+                  H, W, OH, OW, P, P_PER_SPLIT, M, K, KC, CG, OG,
+                  sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+                  SH, SW, PH, PW, DH, DW,
+                  KH: tl.constexpr, KW: tl.constexpr, CL: tl.constexpr,
+                  HAS_IN_IDX: tl.constexpr, GROUPED: tl.constexpr, DOT_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr,
+                  BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # dWc[n, k] = sum_p grad_y[p, co(n)] * im2col(x)[p, k]; tile BK x BN, loop over this
+    # program's slice of the P = N*OH*OW positions; partial sums go to dw[split] (fp32).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < M
+    co = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    k_ok = offs_k < K
+    c, kh, kw = _decode_k(offs_k, KC, KH, KW, CL)
+    if not GROUPED:
+        if HAS_IN_IDX:
+            ci = tl.load(in_idx_ptr + c, mask=k_ok, other=0)
+        else:
+            ci = c
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    p_begin = pid_s * P_PER_SPLIT
+    p_end = tl.minimum(p_begin + P_PER_SPLIT, P)
+    for p0 in range(p_begin, p_end, BP):
+        offs_p = p0 + tl.arange(0, BP)
+        p_ok = offs_p < p_end
+        nb = offs_p // (OH * OW)
+        r = offs_p % (OH * OW)
+        oh = r // OW
+        ow = r % OW
+        g = tl.load(g_ptr + (nb.to(tl.int64) * sgn + oh * sgh + ow * sgw)[:, None]
+                    + co[None, :].to(tl.int64) * sgc,
+                    mask=p_ok[:, None] & n_ok[None, :], other=0.0)     # [BP, BN]
+        ih = (oh * SH - PH)[:, None] + kh[None, :] * DH                # [BP, BK]
+        iw = (ow * SW - PW)[:, None] + kw[None, :] * DW
+        a_ok = p_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_sp = nb.to(tl.int64)[:, None] * sxn + ih * sxh + iw * sxw
+        if GROUPED:
+            cig = (co // OG)[None, :] * CG + c[:, None]                # [BK, BN]
+            a = tl.load(x_ptr + x_sp[:, :, None] + cig[None, :, :].to(tl.int64) * sxc,
+                        mask=a_ok[:, :, None] & n_ok[None, None, :], other=0.0)
+            acc += tl.sum(a.to(tl.float32) * g.to(tl.float32)[:, None, :], axis=0)
+        else:
+            a = tl.load(x_ptr + x_sp + ci[None, :].to(tl.int64) * sxc, mask=a_ok, other=0.0)
+            at = tl.trans(a)                                           # [BK, BP]
+            if DOT_FP32:
+                acc += tl.dot(at.to(tl.float32), g.to(tl.float32))
+            else:
+                acc += tl.dot(at, g, input_precision=PRECISION)
+    dw_off = pid_s.to(tl.int64) * M * K + offs_n[None, :] * K + offs_k[:, None]
+    tl.store(dw_ptr + dw_off, acc, mask=k_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dgrad_kernel(g_ptr, w_ptr, out_idx_ptr, in_idx_ptr, act_ptr, dx_ptr,
+                  H, W, OH, OW, Q, M, J, NC, CG, OG,
+                  sgn, sgc, sgh, sgw, swm, swc, swh, sww, sxn, sxc, sxh, sxw,
+                  SH, SW, PH, PW, DH, DW,
+                  KH: tl.constexpr, KW: tl.constexpr, CL: tl.constexpr,
+                  HAS_IN_IDX: tl.constexpr, GROUPED: tl.constexpr, DOT_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr,
+                  BQ: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr):
+    # dx[n, ci, ih, iw] = sum_{m, kh, kw} grad_y[n, co(m), oh, ow] * Wc[m, c, kh, kw] with
+    # oh = (ih + PH - kh*DH) / SH when that divides exactly and is in range (transposed conv).
+    # Tile: BQ input positions x BC input channels; reduction j over the active filters.
+    pid_q = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_q = pid_q * BQ + tl.arange(0, BQ)
+    q_ok = offs_q < Q
+    nb = offs_q // (H * W)
+    r = offs_q % (H * W)
+    ih = r // W
+    iw = r % W
+    g_row = nb.to(tl.int64) * sgn
+    offs_c = pid_c * BC + tl.arange(0, BC)
+    c_ok = offs_c < NC
+    acc = tl.zeros((BQ, BC), dtype=tl.float32)
+    for j0 in range(0, J, BJ):
+        offs_j = j0 + tl.arange(0, BJ)
+        j_ok = offs_j < J
+        # j -> (filter slot m, kh, kw); grouped: m is the filter's index inside its group
+        if CL:
+            if GROUPED:
+                m = offs_j % OG
+                t = offs_j // OG
+            else:
+                m = offs_j % M
+                t = offs_j // M
+        else:
+            m = offs_j // (KH * KW)
+            t = offs_j % (KH * KW)
+        kh = t // KW
+        kw = t % KW
+        oh_n = ih[:, None] + PH - kh[None, :] * DH                     # [BQ, BJ]
+        ow_n = iw[:, None] + PW - kw[None, :] * DW
+        v = (q_ok[:, None] & j_ok[None, :] & (oh_n >= 0) & (ow_n >= 0)
+             & (oh_n % SH == 0) & (ow_n % SW == 0) & (oh_n < OH * SH) & (ow_n < OW * SW))
+        sp = (oh_n // SH) * sgh + (ow_n // SW) * sgw
+        if GROUPED:
+            # filter = group(c) * OG + m; skip inactive filters' loads (act == 0)
+            co = (offs_c // CG)[None, :] * OG + m[:, None]             # [BJ, BC]
+            act = tl.load(act_ptr + co, mask=j_ok[:, None] & c_ok[None, :], other=0)
+            wok = j_ok[:, None] & c_ok[None, :] & (act != 0)
+            b = tl.load(w_ptr + co * swm + (offs_c % CG)[None, :] * swc
+                        + (kh * swh + kw * sww)[:, None], mask=wok, other=0.0)
+            a = tl.load(g_ptr + g_row[:, None, None] + sp[:, :, None]
+                        + co[None, :, :].to(tl.int64) * sgc,
+                        mask=v[:, :, None] & wok[None, :, :], other=0.0)
+            acc += tl.sum(a.to(tl.float32) * b.to(tl.float32)[None, :, :], axis=1)
+        else:
+            co = tl.load(out_idx_ptr + m, mask=j_ok, other=0)
+            a = tl.load(g_ptr + g_row[:, None] + co[None, :].to(tl.int64) * sgc + sp,
+                        mask=v, other=0.0)                             # [BQ, BJ]
+            b = tl.load(w_ptr + (m * swm + kh * swh + kw * sww)[:, None] + offs_c[None, :] * swc,
+                        mask=j_ok[:, None] & c_ok[None, :], other=0.0) # [BJ, BC]
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+            else:
+                acc += tl.dot(a, b, input_precision=PRECISION)
+    if HAS_IN_IDX:
+        ci = tl.load(in_idx_ptr + offs_c, mask=c_ok, other=0)
+    else:
+        ci = offs_c
+    dx_off = (nb.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :].to(tl.int64) * sxc
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------
+
+def _p2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # Match what cuDNN does for the dense reference: TF32 for fp32 when allowed.
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return (not t.is_contiguous()) and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class _Conf:
+    """Block sizes: large tiles in the interpreter (its cost is per program and per loop step),
+    tensor-core friendly tiles on GPU; broadcast tiles (grouped) kept small for registers."""
+
+    def __init__(self, grouped: bool):
+        self.interp = interpreter_enabled()
+        self.grouped = grouped
+
+    def fwd(self, P, M, K):
+        if self.interp:
+            if self.grouped:
+                return dict(BP=_p2(P, 16, 64), BN=_p2(M, 16, 32), BK=_p2(K, 16, 32)), 4, 1
+            return dict(BP=_p2(P, 16, 128), BN=_p2(M, 16, 64), BK=_p2(K, 16, 64)), 4, 1
+        if self.grouped:
+            return dict(BP=32, BN=16, BK=16), 4, 1
+        return dict(BP=128, BN=64 if M > 32 else _p2(M, 16, 32), BK=32), 4, 3
+
+    def wgrad(self, P, M, K):
+        if self.interp:
+            if self.grouped:
+                return dict(BP=_p2(P, 16, 64), BN=_p2(M, 16, 32), BK=_p2(K, 16, 32)), 4, 1
+            return dict(BP=_p2(P, 16, 128), BN=_p2(M, 16, 64), BK=_p2(K, 16, 64)), 4, 1
+        if self.grouped:
+            return dict(BP=32, BN=16, BK=16), 4, 1
+        return dict(BP=64, BN=64 if M > 32 else _p2(M, 16, 32), BK=64), 4, 3
+
+    def dgrad(self, Q, NC, J):
+        if self.interp:
+            if self.grouped:
+                return dict(BQ=_p2(Q, 16, 64), BC=_p2(NC, 16, 32), BJ=_p2(J, 16, 32)), 4, 1
+            return dict(BQ=_p2(Q, 16, 128), BC=_p2(NC, 16, 64), BJ=_p2(J, 16, 64)), 4, 1
+        if self.grouped:
+            return dict(BQ=32, BC=16, BJ=16), 4, 1
+        return dict(BQ=128, BC=64 if NC > 32 else _p2(NC, 16, 32), BJ=32), 4, 3
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _active(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask != 0).view(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+class _MaskedConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups,
+                out_index, in_index):
+        N, C, H, W = x.shape
+        O, CG, KH, KW = weight.shape
+        if C != CG * groups or O % groups:
+            raise RuntimeError(f"masked_conv2d: weight {tuple(weight.shape)} does not fit input "
+                               f"channels {C} with groups={groups}")
+        (SH, SW), (PH, PW), (DH, DW) = stride, padding, dilation
+        OH, OW = _out_size(H, KH, SH, PH, DH), _out_size(W, KW, SW, PW, DW)
+        if OH <= 0 or OW <= 0:
+            raise RuntimeError(f"masked_conv2d: output size {OH}x{OW} is too small")
+        grouped = groups != 1
+        cl = _is_cl(x)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+
+        out_idx = (out_index if out_index is not None else _active(out_mask)).to(x.device)
+        M = out_idx.numel()
+        out_scale = out_mask.index_select(0, out_idx).to(weight.dtype)
+        wc = weight.index_select(0, out_idx) * out_scale.view(-1, 1, 1, 1)   # (M, CG, KH, KW)
+        in_idx = None
+        in_scale = None
+        if in_mask is not None and not grouped:
+            in_idx = (in_index if in_index is not None else _active(in_mask)).to(x.device)
+            in_scale = in_mask.index_select(0, in_idx).to(weight.dtype)
+            wc = wc.index_select(1, in_idx) * in_scale.view(1, -1, 1, 1)     # (M, C_act, KH, KW)
+        elif in_mask is not None:
+            # grouped: zero the inactive input channels of each gathered filter's group
+            im = in_mask.to(weight.dtype).view(groups, CG)
+            in_scale = im.index_select(0, out_idx // (O // groups))          # (M, CG)
+            wc = wc * in_scale.view(M, CG, 1, 1)
+        wc = wc.contiguous(memory_format=fmt)
+        KC = wc.shape[1]
+        K = KC * KH * KW
+        bc = bias.index_select(0, out_idx) * out_scale if bias is not None else None
+        out_idx32 = out_idx.to(torch.int32)
+        in_idx32 = in_idx.to(torch.int32) if in_idx is not None else None
+
+        y = torch.empty((N, O, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+        P = N * OH * OW
+        conf = _Conf(grouped)
+        if M > 0 and P > 0:
+            blocks, warps, stages = conf.fwd(P, M, K)
+            grid = (triton.cdiv(P, blocks["BP"]), triton.cdiv(M, blocks["BN"]))
+            _fwd_kernel[grid](
+                x, wc, bc if bc is not None else wc, out_idx32,
+                in_idx32 if in_idx32 is not None else out_idx32, y,
+                H, W, OH, OW, P, M, K, KC, CG, O // groups,
+                *x.stride(), *wc.stride(), *y.stride(),
+                SH, SW, PH, PW, DH, DW,
+                KH=KH, KW=KW, CL=cl, HAS_IN_IDX=in_idx is not None, HAS_BIAS=bc is not None,
+                GROUPED=grouped, DOT_FP32=conf.interp and x.dtype == torch.bfloat16,
+                PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages, **blocks)
+        ctx.save_for_backward(x, wc, out_idx, in_idx, out_scale, in_scale)
+        ctx.geom = (stride, padding, dilation, groups, weight.shape, bias is not None, cl)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, wc, out_idx, in_idx, out_scale, in_scale = ctx.saved_tensors
+        stride, padding, dilation, groups, wshape, has_bias, cl = ctx.geom
+        (SH, SW), (PH, PW), (DH, DW) = stride, padding, dilation
+        N, C, H, W = x.shape
+        O, CG, KH, KW = wshape
+        OG = O // groups
+        OH, OW = gy.shape[2], gy.shape[3]
+        M, KC = wc.shape[0], wc.shape[1]
+        K = KC * KH * KW
+        grouped = groups != 1
+        conf = _Conf(grouped)
+        dot_fp32 = conf.interp and x.dtype == torch.bfloat16
+        prec = _precision(x.dtype)
+        out_idx32 = out_idx.to(torch.int32)
+        in_idx32 = in_idx.to(torch.int32) if in_idx is not None else out_idx32
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        gx = gw = gb = None
+
+        if ctx.needs_input_grad[0]:
+            Q = N * H * W
+            if M == 0 or Q == 0:
+                gx = torch.zeros_like(x, memory_format=fmt)
+            elif grouped:
+                # Full (O, CG, KH, KW) weight with inactive filters zero, plus an activity flag
+                # per filter so the kernel skips their loads.
+                w_full = torch.zeros(wshape, dtype=wc.dtype, device=wc.device)
+                w_full.index_copy_(0, out_idx, wc.contiguous())
+                act = torch.zeros(O, dtype=torch.int8, device=x.device)
+                act[out_idx] = 1
+                gx = torch.empty_like(x, memory_format=fmt)
+                J = OG * KH * KW
+                blocks, warps, stages = conf.dgrad(Q, C, J)
+                grid = (triton.cdiv(Q, blocks["BQ"]), triton.cdiv(C, blocks["BC"]))
+                _dgrad_kernel[grid](
+                    gy, w_full, out_idx32, in_idx32, act, gx,
+                    H, W, OH, OW, Q, M, J, C, CG, OG,
+                    *gy.stride(), *w_full.stride(), *gx.stride(),
+                    SH, SW, PH, PW, DH, DW,
+                    KH=KH, KW=KW, CL=False, HAS_IN_IDX=False, GROUPED=True,
+                    DOT_FP32=dot_fp32, PRECISION=prec, num_warps=warps, num_stages=stages,
+                    **blocks)
+            else:
+                # inactive input channels (in_mask) keep a zero gradient
+                gx = (torch.zeros_like(x, memory_format=fmt) if in_idx is not None
+                      else torch.empty_like(x, memory_format=fmt))
+                J = M * KH * KW
+                blocks, warps, stages = conf.dgrad(Q, KC, J)
+                grid = (triton.cdiv(Q, blocks["BQ"]), triton.cdiv(KC, blocks["BC"]))
+                if KC > 0:
+                    _dgrad_kernel[grid](
+                        gy, wc, out_idx32, in_idx32, out_idx32, gx,
+                        H, W, OH, OW, Q, M, J, KC, CG, OG,
+                        *gy.stride(), *wc.stride(), *gx.stride(),
+                        SH, SW, PH, PW, DH, DW,
+                        KH=KH, KW=KW, CL=cl, HAS_IN_IDX=in_idx is not None, GROUPED=False,
+                        DOT_FP32=dot_fp32, PRECISION=prec, num_warps=warps,
+                        num_stages=stages, **blocks)
+
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros(wshape, dtype=wc.dtype, device=wc.device)
+            P = N * OH * OW
+            if M > 0 and K > 0 and P > 0:
+                blocks, warps, stages = conf.wgrad(P, M, K)
+                programs = triton.cdiv(M, blocks["BN"]) * triton.cdiv(K, blocks["BK"])
+                split = 1
+                if not conf.interp:
+                    # Enough programs to fill the GPU; each keeps >= 8 steps of BP positions.
+                    split = max(1, min(2 * _sm_count(x.device) // max(programs, 1),
+                                       triton.cdiv(P, 8 * blocks["BP"])))
+                per_split = triton.cdiv(triton.cdiv(P, split), blocks["BP"]) * blocks["BP"]
+                split = triton.cdiv(P, per_split)
+                dw = torch.empty((split, M, K), dtype=torch.float32, device=x.device)
+                grid = (triton.cdiv(M, blocks["BN"]), triton.cdiv(K, blocks["BK"]), split)
+                _wgrad_kernel[grid](
+                    x, gy, out_idx32, in_idx32, dw,
+                    H, W, OH, OW, P, per_split, M, K, KC, CG, OG,
+                    *x.stride(), *gy.stride(),
+                    SH, SW, PH, PW, DH, DW,
+                    KH=KH, KW=KW, CL=cl, HAS_IN_IDX=in_idx is not None, GROUPED=grouped,
+                    DOT_FP32=dot_fp32, PRECISION=prec, num_warps=warps, num_stages=stages,
+                    **blocks)
+                dwc = dw.sum(0) if split > 1 else dw[0]                      # (M, K) fp32
+                if cl:
+                    dwc = dwc.view(M, KH, KW, KC).permute(0, 3, 1, 2)
+                else:
+                    dwc = dwc.view(M, KC, KH, KW)
+                # chain rule through Wc = W[out_idx][:, in_idx] * out_scale * in_scale
+                dwc = dwc * out_scale.float().view(-1, 1, 1, 1)
+                if in_scale is not None:
+                    if grouped:
+                        dwc = dwc * in_scale.float().view(M, CG, 1, 1)
+                    else:
+                        dwc = dwc * in_scale.float().view(1, -1, 1, 1)
+                        rows = torch.zeros((M, C, KH, KW), dtype=torch.float32, device=x.device)
+                        rows.index_copy_(1, in_idx, dwc)
+                        dwc = rows
+                gw.index_copy_(0, out_idx, dwc.to(gw.dtype))
+
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = torch.zeros(O, dtype=wc.dtype, device=x.device)
+            if M > 0:
+                gsum = gy.index_select(1, out_idx).sum(dim=(0, 2, 3), dtype=torch.float32)
+                gb.index_copy_(0, out_idx, (gsum * out_scale.float()).to(gb.dtype))
+        return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+def masked_conv2d(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask=None,
+                  out_index=None, in_index=None):
+    """Triton backend of :func:`distributed_prune.kernels.masked_conv2d` (4-D input; stride,
+    padding, dilation as int pairs)."""
+    return _MaskedConv2dFn.apply(x, weight, bias, out_mask, in_mask, tuple(stride),
+                                 tuple(padding), tuple(dilation), int(groups), out_index, in_index)
