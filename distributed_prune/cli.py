@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None)
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", default=None, help="PNG of accuracy vs speedup")
+    s.add_argument("--cross", default=None, metavar="A,B",
+                   help="cross-validate two methods over the runs' retraining recipes (e.g. l1,tpp)")
     s.set_defaults(func=_lazy("report", "cli_report"))
 
     s = sub.add_parser("sweep", help="expand a grid of overrides into runs")

@@ -185,8 +185,16 @@ def paper_table(runs: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------- cross-validation
 
+def method_of(run: dict) -> str:
+    """The pruning method as a row name: ``l1``, ``l1+orthp``, ``scratch``, ``tpp`` ... (the
+    re-initialisation is part of the method: L1 and L1 + OrthP are different methods)."""
+    m = str(_get(run, ("setup", "prune_method")))
+    reinit = _get(run, ("setup", "reinit")) or "none"
+    return "scratch" if reinit == "scratch" else m if reinit == "none" else f"{m}+{reinit}"
+
+
 def _method_matches(run: dict, method: str) -> bool:
-    return method in (_get(run, ("setup", "prune_method")), run.get("label"))
+    return method in (method_of(run), run.get("label"))
 
 
 def _recipe(run: dict) -> str:
@@ -245,9 +253,14 @@ def cross_validate(runs: list[dict], method_a: str, method_b: str) -> dict:
             "text": text, "per_ratio": per_ratio, "cells": cells}
 
 
-def _auto_cross_validation(runs: list[dict]) -> dict | None:
-    """Cross-validate when the runs hold exactly two methods under shared recipes; else None."""
-    methods = list(dict.fromkeys(str(_get(r, ("setup", "prune_method"))) for r in runs))
+def _auto_cross_validation(runs: list[dict], pair: str | None = None) -> dict | None:
+    """Cross-validate ``pair`` ("A,B"), or the two methods when the runs hold exactly two."""
+    if pair:
+        a, _, b = pair.partition(",")
+        if not a or not b:
+            raise UserError(f"--cross {pair!r}: expected two methods, e.g. l1,tpp")
+        return cross_validate(runs, a.strip(), b.strip())
+    methods = list(dict.fromkeys(method_of(r) for r in runs))
     if len(methods) != 2:
         return None
     try:
@@ -487,7 +500,7 @@ def cli_report(args) -> int:
     if not runs:
         raise UserError(f"no complete runs in {' '.join(map(str, args.runs))}")
     result = setups.check(runs)
-    cross = _auto_cross_validation(runs)
+    cross = _auto_cross_validation(runs, getattr(args, "cross", None))
     md = to_markdown(runs, result, cross)
     if getattr(args, "out", None):
         _atomic_write(args.out, md)
