@@ -51,7 +51,7 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "ffcv": ["ffcv>=1.0.2", "numba", "opencv-python-headless"],
+        "ffcv": ["ffcv>=1.0.2"],  # needs pkg-config, libturbojpeg and libopencv (see launch/env.sh)
         "deepspeed": ["deepspeed>=0.14"],
         "dev": ["pytest", "pytest-timeout", "ninja"],
     },

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = s.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    for name in ("kernels", "train", "loader", "speedup"):
+    for name in BENCHES:
         b = bsub.add_parser(name, add_help=False)
         b.add_argument("rest", nargs=argparse.REMAINDER)
         b.set_defaults(func=_passthrough(f"bench.{name}"))
@@ -172,8 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+BENCHES = ("kernels", "train", "loader", "speedup")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+            # benchmarks parse their own options (argparse REMAINDER drops leading "--x" options)
+            import importlib
+
+            return int(importlib.import_module(f"distributed_prune.bench.{argv[1]}").main(argv[2:]) or 0)
         args, extra = build_parser().parse_known_args(argv)
         # key=value overrides may also follow options (dprune sweep CFG --grid a=1,2 b=3)
         if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

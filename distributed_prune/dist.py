@@ -86,9 +86,9 @@ def init(device: str = "auto", backend: str = "auto", engine: str = "ddp") -> Co
         ctx.backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         timeout = datetime.timedelta(minutes=int(os.environ.get("DPRUNE_DIST_TIMEOUT_MIN", "30")))
         if engine == "deepspeed":
-            import deepspeed
+            from .train.deepspeed_engine import init_distributed  # the one deepspeed import
 
-            deepspeed.init_distributed(dist_backend=ctx.backend, timeout=timeout)
+            init_distributed(ctx.backend, timeout)
         else:
             kw = {"device_id": ctx.device} if use_cuda else {}
             tdist.init_process_group(ctx.backend, timeout=timeout, **kw)
@@ -147,14 +147,16 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def shutdown(*objects_to_drop):
+def shutdown(*objects_to_drop, barrier: bool = True):
     """Tear down in an order that avoids "terminate called without an active exception" at
-    exit (ENV.md): drop engine references, collect, barrier, then destroy the process group."""
+    exit (ENV.md): drop engine references, collect, barrier, then destroy the process group.
+    ``barrier=False`` after an error (a peer that failed elsewhere would never arrive)."""
     for o in objects_to_drop:
         del o
     gc.collect()
     if tdist.is_initialized():
         try:
-            tdist.barrier()
+            if barrier:
+                tdist.barrier()
         finally:
             tdist.destroy_process_group()

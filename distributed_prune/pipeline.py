@@ -64,9 +64,11 @@ def build_data(cfg, ctx, micro_batch: int) -> Data:
             val_batch_size=cfg.data.val_batch_size, num_workers=max(cfg.data.num_workers, 1),
             device=str(ctx.device), distributed=ctx.distributed, seed=cfg.seed,
             os_cache=cfg.data.os_cache, res=res, channels_last=cfg.train.channels_last,
-            dtype=cfg.train.amp if cfg.train.amp != "none" else "fp32", flatten=flatten)
+            dtype=cfg.train.amp if cfg.train.amp != "none" else "fp32", flatten=flatten,
+            **({"image_size": cfg.data.input_size} if cfg.data.input_size else {}))
         x, _ = next(iter(val))
-        return Data(train, val, info, info.num_train, x[:1].detach().clone().float().cpu())
+        n_train = train.num_samples * ctx.world_size  # per-rank shard x ranks
+        return Data(train, val, info, n_train, x[:1].detach().clone().float().cpu())
     from .data import build_datasets, build_loader
 
     train_ds, val_ds, info = build_datasets(
@@ -282,7 +284,7 @@ class Runner:
             self.rd.prune_old(stage, cfg.output.keep_checkpoints)
             dist.barrier()
             _maybe_fault(stage, epoch, self.rd)
-        model = engine.module
+        model = engine.finish()  # the plain module (DeepSpeed: fp32 master weights, hooks removed)
         del engine
         return model
 
@@ -390,10 +392,15 @@ def _first_diff(a, b, prefix=""):
 def run(cfg) -> dict:
     """Run the pipeline described by a validated :class:`~distributed_prune.config.Config`."""
     ctx = dist.init(cfg.train.device, cfg.dist.backend, cfg.dist.engine)
+    ok = False
     try:
-        return _run(cfg, ctx)
+        summary = _run(cfg, ctx)
+        ok = True
+        return summary
     finally:
-        dist.shutdown()
+        # after an error, no barrier: the other ranks may never reach it (the error is printed
+        # and the launcher stops them instead of everyone waiting for the collective timeout)
+        dist.shutdown(barrier=ok)
 
 
 def _run(cfg, ctx) -> dict:
@@ -415,8 +422,10 @@ def _run(cfg, ctx) -> dict:
     re_epochs, re_sched = cfg.effective_retrain()
     if cfg.prune.method in ("greg", "tpp") and cfg.prune.epochs == 0:
         raise UserError(f"prune.epochs must be > 0 for prune.method={cfg.prune.method} (regularization phase)")
-    if cfg.pretrain.checkpoint and not Path(cfg.pretrain.checkpoint).is_file():
-        raise UserError(f"pretrain.checkpoint {cfg.pretrain.checkpoint}: file not found")
+    # "{seed}" in the path selects a per-seed base (one base per seed shared by a sweep's runs)
+    base_path = cfg.pretrain.checkpoint.format(seed=cfg.seed) if cfg.pretrain.checkpoint else None
+    if base_path and not Path(base_path).is_file():
+        raise UserError(f"pretrain.checkpoint {base_path}: file not found")
     if cfg.retrain.scratch_budget != "none" and cfg.prune.reinit != "scratch":
         raise UserError("retrain.scratch_budget needs prune.reinit=scratch")
 
@@ -458,12 +467,11 @@ def _run(cfg, ctx) -> dict:
 
     # ---- pretrain (or load a base model)
     if where[0] in ("start", "pretrain"):
-        if cfg.pretrain.checkpoint:
-            obj = ckpt.load(cfg.pretrain.checkpoint)
+        if base_path:
+            obj = ckpt.load(base_path)
             if obj.get("plan"):
-                raise UserError(f"pretrain.checkpoint {cfg.pretrain.checkpoint}: holds a pruned model, "
-                                "not a dense base")
-            ckpt.load_state(model, obj["state_dict"], source=f"pretrain.checkpoint {cfg.pretrain.checkpoint}")
+                raise UserError(f"pretrain.checkpoint {base_path}: holds a pruned model, not a dense base")
+            ckpt.load_state(model, obj["state_dict"], source=f"pretrain.checkpoint {base_path}")
         else:
             start = where[1] + 1 if where[0] == "pretrain" else 0
             model = runner.train_stage("pretrain", model, epochs=pre_epochs, schedule=pre_sched,

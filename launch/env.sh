@@ -26,8 +26,8 @@ if [ "$FULL" = 1 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
       pkg-config libturbojpeg0-dev libopencv-dev build-essential >/dev/null
   fi
-  EXTRAS="dev,ffcv,deepspeed"
-  export DS_BUILD_OPS=0
+  # FFCV builds from source (isolated build); DeepSpeed installs as pure Python without its ops
+  DS_BUILD_OPS=0 $PIP install -q -c launch/constraints.txt ffcv deepspeed
 fi
 # --no-build-isolation: setup.py sees the pinned torch and builds the optional csrc extension.
 $PIP install -q -c launch/constraints.txt --no-build-isolation -e ".[$EXTRAS]"

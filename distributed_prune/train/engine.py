@@ -86,6 +86,10 @@ class DDPEngine:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    def finish(self) -> nn.Module:
+        """The unwrapped module, for what follows the stage (evaluation, surgery, saving)."""
+        return self.module
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
