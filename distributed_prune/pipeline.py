@@ -27,7 +27,8 @@ from . import config as config_mod
 from . import dist, flops, models, prune
 from .errors import UserError
 from .train.engine import amp_dtype, build_engine
-from .train.loop import evaluate, train_epoch
+from .eval import evaluate
+from .train.loop import train_epoch
 from .train.optim import build_optimizer
 from .train.schedules import EpochIterLR, parse_schedule
 

@@ -1,5 +1,5 @@
 """One training loop for pretraining, the regularization (pruning) phase, retraining and
-scratch training, plus evaluation that counts every sample exactly once across ranks.
+scratch training (evaluation is in :mod:`distributed_prune.eval`).
 
 No host synchronisation per step: loss and accuracy are accumulated on the device and read
 once per epoch (after an all-reduce).
@@ -71,25 +71,3 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
     loss_v, correct_v, count_v = stats.tolist()
     return {"train_loss": loss_v / max(count_v, 1), "train_top1": correct_v / max(count_v, 1),
             "iterations": it}
-
-
-@torch.no_grad()
-def evaluate(model, loader, *, device, amp_dtype=None, channels_last=False) -> float:
-    """Top-1 accuracy (fraction) over the whole evaluation set: correct and sample counts are
-    summed over ranks (each rank evaluates a disjoint shard, no padding)."""
-    was = model.training
-    model.eval()
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    count = torch.zeros((), device=device, dtype=torch.int64)
-    for x, y in loader:
-        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
-        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            out = model(x)
-        correct += (out.argmax(1) == y).sum()
-        count += y.numel()
-    model.train(was)
-    stats = torch.stack([correct, count]).double()
-    dist.all_reduce_sum(stats)
-    c, n = stats.tolist()
-    return c / max(n, 1)
