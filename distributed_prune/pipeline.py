@@ -264,6 +264,7 @@ class Runner:
                                 channels_last=cfg.train.channels_last, extra_loss=extra_loss,
                                 grad_hook=grad_hook, iteration0=epoch * iters, progress=self.progress,
                                 desc=f"{stage} {epoch + 1}/{epochs}")
+            engine.sync_buffers()  # rank 0's BN statistics on every rank: eval == checkpoint
             top1 = evaluate(engine.module, self.data.val, device=self.device, amp_dtype=self.amp,
                             channels_last=cfg.train.channels_last)
             row = {"stage": stage, "epoch": epoch,
@@ -427,8 +428,14 @@ def _run(cfg, ctx) -> dict:
     base_path = cfg.pretrain.checkpoint.format(seed=cfg.seed) if cfg.pretrain.checkpoint else None
     if base_path and not Path(base_path).is_file():
         raise UserError(f"pretrain.checkpoint {base_path}: file not found")
+    if cfg.dist.sync_bn and ctx.device.type != "cuda":
+        raise UserError("dist.sync_bn=true needs CUDA (SyncBatchNorm refuses CPU modules)")
     if cfg.retrain.scratch_budget != "none" and cfg.prune.reinit != "scratch":
         raise UserError("retrain.scratch_budget needs prune.reinit=scratch")
+
+    if cfg.prune.method != "none":  # a spec that does not fit this model fails now, not after pretraining
+        prune.plan(model, cfg.prune.ratios, criterion="random", example_input=data.example,
+                   skip=cfg.prune.skip, round_to=cfg.prune.round_to)
 
     rd, complete = prepare_run_dir(cfg)
     if complete:
@@ -544,6 +551,7 @@ def _run(cfg, ctx) -> dict:
                                resume_obj=resume_obj if where[0] == "retrain" else None,
                                jsv_every=cfg.trainability.every_epoch)
     final_top1 = runner.evaluate(model)
+    _dump_rank_state(model, state)
     rd.save("final.pt", model, plan=state.plan_json, config=config_mod.to_dict(cfg), stage="final",
             epoch=epochs, record=json.dumps(state.record))
     summary = _summary(cfg, ctx, state, rd, final_top1, epochs, re_sched, pre_epochs, pre_sched, data,
@@ -559,6 +567,16 @@ def _run(cfg, ctx) -> dict:
         print(f"dprune: done: final top1 {100 * final_top1:.2f}%  -> {rd.path / 'summary.json'}")
     dist.barrier()
     return summary
+
+
+def _dump_rank_state(model, state):
+    """Test hook: ``DPRUNE_DUMP_RANK_STATE=DIR`` makes EVERY rank save its final weights and plan
+    hash to DIR/rank{r}.pt (the distributed tests check that all ranks agree)."""
+    out = os.environ.get("DPRUNE_DUMP_RANK_STATE")
+    if out:
+        sha = prune.Plan.from_json(state.plan_json).sha256() if state.plan_json else None
+        ckpt.atomic_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                          "plan_sha256": sha}, Path(out) / f"rank{dist.get_rank()}.pt")
 
 
 def _take(loader, n):

@@ -108,6 +108,8 @@ def test_report_on_real_runs(finished, capsys):
     ("model.name=resnet9000", "model.name"),
     ("data.name=mnist", "data.train_path"),  # torchvision data absent: clear error, no download
     ("pretrain.checkpoint=/nonexistent/base.pt", "pretrain.checkpoint"),
+    ("prune.ratios=*nomatch*:0.5", "*nomatch*"),       # valid syntax, but not for this model
+    ("prune.ratios=[1-9:0.5]", "out of range"),
 ])
 def test_bad_input_exit_2_and_no_run_dir(override, needle, tmp_path, capsys):
     out = tmp_path / "never"
