@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _input_size(text: str) -> tuple[int, ...]:
+def parse_input_size(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -44,7 +44,7 @@ def cmd_plan(args) -> int:
     from . import flops, models, prune
 
     net = models.create(args.model, num_classes=args.num_classes)
-    x = torch.zeros(1, *_input_size(args.input_size))
+    x = torch.zeros(1, *parse_input_size(args.input_size))
     try:
         dense = flops.count(net, x)
     except RuntimeError as e:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import flops, models, prune
+from ..cli import parse_input_size  # noqa: F401  (re-exported for the benchmarks)
 from ..errors import UserError
 from ..train.engine import build_engine
 from ..train.loop import train_epoch
@@ -40,6 +41,15 @@ RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (PAPER.
 
 
 # --------------------------------------------------------------------------- arguments
+def device_and_threads(args) -> torch.device:
+    """``--device`` resolved, and ``--threads`` applied to torch (benchmarks share these flags)."""
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        check_positive(threads=args.threads)
+        torch.set_num_threads(args.threads)
+    return device
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,16 +58,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UserError(f"--device: expected auto, cpu or cuda, got {name!r}")
     return torch.device(name)
-
-
-def parse_input_size(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--input-size: expected comma-separated integers like 3,32,32, got {text!r}") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise UserError(f"--input-size: dimensions must be positive, got {text!r}")
-    return dims
 
 
 def is_imagenet_model(name: str) -> bool:

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from distributed_prune.data.beton import _size
+
 MB = 1 << 20
 
 
@@ -219,14 +221,6 @@ def bench_ranks(beton: Path, *, ranks: int, os_cache: bool, batch: int, workers:
 
 
 # ----------------------------------------------------------------------------- CLI
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-    return w, h
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dprune bench loader", description=__doc__.split("\n")[0])

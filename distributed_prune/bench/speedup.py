@@ -73,11 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> dict:
     """Resolved settings (device-dependent defaults filled in)."""
-    device = common.resolve_device(args.device)
+    device = common.device_and_threads(args)
     gpu = device.type == "cuda"
-    if args.threads is not None:
-        common.check_positive(threads=args.threads)
-        torch.set_num_threads(args.threads)
     d = common.defaults(args.model, device)
     s = {"model": args.model, "device": device,
          "batch": common.given(args.batch, d["batch"]),

@@ -82,11 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args) -> dict:
-    device = common.resolve_device(args.device)
+    device = common.device_and_threads(args)
     gpu = device.type == "cuda"
-    if args.threads is not None:
-        common.check_positive(threads=args.threads)
-        torch.set_num_threads(args.threads)
     d = common.defaults(args.model, device)
     s = {"device": device, "batch": common.given(args.batch, d["batch"]),
          "input_size": common.parse_input_size(args.input_size) if args.input_size else d["input_size"],
