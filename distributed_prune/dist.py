@@ -85,17 +85,30 @@ def init(device: str = "auto", backend: str = "auto", engine: str = "ddp") -> Co
     if ctx.distributed and not tdist.is_initialized():
         ctx.backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         timeout = datetime.timedelta(minutes=int(os.environ.get("DPRUNE_DIST_TIMEOUT_MIN", "30")))
+        _init_process_group(ctx.backend, timeout, **({"device_id": ctx.device} if use_cuda else {}))
         if engine == "deepspeed":
             from .train.deepspeed_engine import init_distributed  # the one deepspeed import
 
-            init_distributed(ctx.backend, timeout)
-        else:
-            kw = {"device_id": ctx.device} if use_cuda else {}
-            tdist.init_process_group(ctx.backend, timeout=timeout, **kw)
+            init_distributed(ctx.backend, timeout)  # adopts the process group made above
     elif tdist.is_initialized():
         ctx.backend = tdist.get_backend()
     _CTX = ctx
     return ctx
+
+
+def _init_process_group(backend, timeout, **kw):
+    """``init_process_group`` from the launcher's environment. After a torchrun restart
+    (``--max-restarts``) the agent's store still holds the previous attempt's keys, and the new
+    workers would read their peers' old addresses ("Connection refused", pytorch#167288): the
+    store is then prefixed with the attempt number."""
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", default=0)
+    if attempt > 0 and os.environ.get("MASTER_ADDR"):
+        store, rank, world = next(tdist.rendezvous("env://", timeout=timeout))
+        store = tdist.PrefixStore(f"dprune/attempt_{attempt}/", store)
+        tdist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                 timeout=timeout, **kw)
+    else:
+        tdist.init_process_group(backend, timeout=timeout, **kw)
 
 
 def context() -> Context:
@@ -128,6 +141,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t).div_(get_world_size())
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s buffers (BatchNorm running statistics) on every rank, one broadcast per
+    dtype. DDP broadcasts buffers at the START of each forward, so after an epoch's last forward
+    every rank holds statistics updated by its own last batch; syncing before evaluation makes the
+    evaluated model (sharded over ranks) the checkpointed one (rank 0's)."""
+    if not (tdist.is_initialized() and get_world_size() > 1):
+        return
+    by_dtype: dict = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+        tdist.broadcast(flat, src)
+        offset = 0
+        for b in bufs:
+            b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def broadcast_object(obj, src: int = 0):

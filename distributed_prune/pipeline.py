@@ -2,7 +2,7 @@
 
     dprune run configs/debug_cpu.yaml
     torchrun --nproc_per_node 8 -m distributed_prune run configs/paper/resnet50_imagenet_l1.yaml
-    deepspeed --num_gpus 8 -m distributed_prune run CONFIG dist.engine=deepspeed
+    deepspeed --num_gpus 8 --no_local_rank --module distributed_prune run CONFIG dist.engine=deepspeed
 
 Every stage checkpoints atomically each epoch; re-running into the same ``output.dir`` (or
 ``resume=true``) continues from the newest readable checkpoint, with every epoch logged once.
@@ -279,6 +279,8 @@ class Runner:
             if self.rd.primary:
                 print(f"[{stage} {epoch + 1}/{epochs}] loss {stats['train_loss']:.4f} "
                       f"top1 {100 * top1:.2f}% lr {row['lr']:.3g}", flush=True)
+            # engine.state_dict() runs on EVERY rank (only rank 0 writes): with DeepSpeed ZeRO it
+            # gathers the partitioned optimizer state, a collective
             self.rd.save(f"{stage}-{epoch:04d}.pt", engine.module, plan=state.plan_json,
                          config=config_mod.to_dict(cfg), stage=stage, epoch=epoch,
                          engine=engine.state_dict(), lr=lr_driver.state_dict(), rng=_rng_state(),
@@ -446,7 +448,7 @@ def _run(cfg, ctx) -> dict:
     t_start = time.time()
     runner = Runner(cfg, ctx, rd, data)
     runner.micro_batch = micro
-    runner.jsv_inputs = torch.cat([x for x, _ in _take(data.val, cfg.trainability.samples)])
+    runner.jsv_inputs = _jsv_inputs(data.val, cfg.trainability.samples)
     example = data.example.to(ctx.device)
     state = State()
 
@@ -577,6 +579,16 @@ def _dump_rank_state(model, state):
         sha = prune.Plan.from_json(state.plan_json).sha256() if state.plan_json else None
         ckpt.atomic_save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                           "plan_sha256": sha}, Path(out) / f"rank{dist.get_rank()}.pt")
+
+
+def _jsv_inputs(val, n):
+    """The first ``n`` validation samples in dataset order: the same on every rank and for any
+    world size (each rank's val loader holds only its shard). FFCV loaders have no indexable
+    dataset: rank 0's first samples, broadcast."""
+    ds = getattr(val, "dataset", None)
+    if ds is not None and hasattr(ds, "__len__") and hasattr(ds, "__getitem__"):
+        return torch.stack([ds[i][0] for i in range(min(n, len(ds)))]).float()
+    return dist.broadcast_object(torch.cat([x for x, _ in _take(val, n)]))
 
 
 def _take(loader, n):

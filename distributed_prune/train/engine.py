@@ -86,6 +86,10 @@ class DDPEngine:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    def sync_buffers(self):
+        """Rank 0's buffers everywhere (end of an epoch, before evaluation and checkpoint)."""
+        dist.broadcast_buffers(self.module)
+
     def finish(self) -> nn.Module:
         """The unwrapped module, for what follows the stage (evaluation, surgery, saving)."""
         return self.module

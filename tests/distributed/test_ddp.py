@@ -1,0 +1,110 @@
+"""DDP on CPU (gloo) with 2 real processes under torchrun: the pipeline end to end, identical
+parameters and plans on every rank, equivalence with one process, resume after a killed worker,
+a truncated checkpoint, and the GPU-only SyncBatchNorm."""
+
+import pytest
+import torch
+
+from dist_launch import DEBUG, SMALL, metrics, ok, single, summary, torchrun
+from distributed_prune import prune
+
+EPOCHS = [("pretrain", 0), ("pretrain", 1), ("retrain", 0), ("retrain", 1)]
+
+
+def test_ddp_run_completes(ddp_run):
+    out = ddp_run["out"]
+    s = summary(out)
+    assert s["status"] == "complete" and s["world_size"] == 2 and s["engine"] == "ddp"
+    assert 0.75 < s["final"]["top1"] <= 1.0, s["final"]
+    assert s["pruned"]["params"] < s["dense"]["params"]
+    # rank 0 alone logs: every epoch exactly once (a second writer would duplicate rows)
+    assert [(m["stage"], m["epoch"]) for m in metrics(out)] == EPOCHS
+    for f in ("config.yaml", "plan.json", "summary.json", "checkpoints/final.pt"):
+        assert (out / f).is_file(), f
+
+
+def test_parameters_identical_on_all_ranks(ddp_run):
+    r0 = torch.load(ddp_run["dump"] / "rank0.pt", weights_only=True)
+    r1 = torch.load(ddp_run["dump"] / "rank1.pt", weights_only=True)
+    final = torch.load(ddp_run["out"] / "checkpoints" / "final.pt", weights_only=True)["state_dict"]
+    assert set(r0["state_dict"]) == set(r1["state_dict"]) == set(final)
+    for k, v in r0["state_dict"].items():
+        assert torch.equal(v, r1["state_dict"][k]), k      # bit-identical across ranks
+        assert torch.equal(v, final[k]), k
+
+
+def test_plan_identical_on_all_ranks(ddp_run):
+    r0 = torch.load(ddp_run["dump"] / "rank0.pt", weights_only=True)
+    r1 = torch.load(ddp_run["dump"] / "rank1.pt", weights_only=True)
+    plan = prune.Plan.from_json((ddp_run["out"] / "plan.json").read_text())
+    assert r0["plan_sha256"] == r1["plan_sha256"] == plan.sha256() == summary(ddp_run["out"])["plan_sha256"]
+
+
+# mlp_7_linear (no BatchNorm) on synthetic data: 1,024 training samples, global batch 64 -> 16 steps
+# of 64 (one process) or 2 x 16 steps of 32 (two processes), no padding. (The digits training split
+# has 1,347 samples, an odd number: DistributedSampler pads one sample per epoch for 2 ranks, so
+# the last step of each epoch differs from the one-process run and there is no exact match.)
+MLP = ["model.name=mlp_7_linear", "data.name=synthetic", "data.input_size=4", "data.synthetic_train=1024",
+       "data.synthetic_val=256", "data.batch_size=64", "data.val_batch_size=64", "pretrain.epochs=2",
+       "pretrain.lr_schedule=0:0.1", "prune.method=l1", "prune.ratios=0.5", "retrain.epochs=2",
+       "retrain.lr_schedule=0:0.05,1:0.01", "trainability.samples=8", "train.device=cpu"]
+
+
+def test_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(single([DEBUG, f"output.dir={one}", *MLP], cwd=tmp_path))
+    ok(torchrun([DEBUG, f"output.dir={two}", *MLP], cwd=tmp_path))
+    m1, m2 = metrics(one), metrics(two)
+    assert [(m["stage"], m["epoch"]) for m in m1] == [(m["stage"], m["epoch"]) for m in m2] == EPOCHS
+    for a, b in zip(m1, m2):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), (a, b)
+        assert b["lr"] == a["lr"]
+        assert abs(b["top1"] - a["top1"]) <= 1 / 256, (a, b)   # same samples counted once
+    s1, s2 = summary(one), summary(two)
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert s1["final"]["top1"] > 0.5            # it learned: the comparison is not of idle weights
+    assert s1["plan_sha256"] == s2["plan_sha256"]
+    w1 = torch.load(one / "checkpoints" / "final.pt", weights_only=True)["state_dict"]
+    w2 = torch.load(two / "checkpoints" / "final.pt", weights_only=True)["state_dict"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_killed_worker_resumes_to_completion(tmp_path, ddp_run):
+    """Rank 1 is SIGKILLed after retrain epoch 0's checkpoint; torchrun restarts both workers,
+    which resume from it: every epoch logged once and the result equal to the uninterrupted run."""
+    out = tmp_path / "run"
+    r = ok(torchrun([DEBUG, f"output.dir={out}", *SMALL], torchrun_args=["--max-restarts", "1"],
+                    cwd=tmp_path, DPRUNE_FAULT="retrain:0", DPRUNE_FAULT_RANK="1"))
+    assert (out / ".fault-injected").exists()
+    assert "resuming" in r.stdout and "retrain-0000.pt" in r.stdout
+    rows = metrics(out)
+    assert [(m["stage"], m["epoch"]) for m in rows] == EPOCHS
+    ref = metrics(ddp_run["out"])
+    for a, b in zip(ref, rows):    # exact resume: weights, optimizer, LR position, RNG, sampler
+        assert b["train_loss"] == a["train_loss"] and b["top1"] == a["top1"], (a, b)
+    assert summary(out)["final"]["top1"] == summary(ddp_run["out"])["final"]["top1"]
+
+
+def test_truncated_newest_checkpoint_is_skipped(tmp_path):
+    out = tmp_path / "run"
+    args = [DEBUG, f"output.dir={out}", *SMALL, "retrain.epochs=3", "retrain.lr_schedule=0:0.01"]
+    r = single(args, cwd=tmp_path, DPRUNE_FAULT="retrain:1")
+    assert r.returncode != 0          # SIGKILLed after retrain-0001.pt was written
+    newest = out / "checkpoints" / "retrain-0001.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    r = ok(single(args, cwd=tmp_path))
+    assert "retrain-0001.pt" in r.stdout and "corrupt" in r.stdout      # the warning
+    assert "resuming" in r.stdout and "after retrain-0000.pt" in r.stdout
+    assert [(m["stage"], m["epoch"]) for m in metrics(out)] == EPOCHS[:2] + [("retrain", e) for e in range(3)]
+    assert summary(out)["status"] == "complete"
+
+
+def test_sync_bn_is_refused_on_cpu(tmp_path):
+    r = torchrun([DEBUG, f"output.dir={tmp_path / 'run'}", *SMALL, "dist.sync_bn=true"], cwd=tmp_path)
+    assert r.returncode != 0
+    # one clear line per rank (exit status 2), no Python traceback from the workers
+    assert r.stderr.count("dprune: error: dist.sync_bn=true needs CUDA") == 2, r.stderr[-3000:]
+    assert "[rank0]: Traceback" not in r.stderr and "exitcode: 2" in r.stderr
+    assert not (tmp_path / "run").exists()      # refused before anything is written
