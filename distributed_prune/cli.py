@@ -177,6 +177,9 @@ BENCHES = ("kernels", "train", "loader", "speedup")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # launchers that pass --local_rank (deepspeed without --no_local_rank): dist.py reads LOCAL_RANK
+    argv = [a for i, a in enumerate(argv) if not a.startswith("--local_rank")
+            and not (i > 0 and argv[i - 1] == "--local_rank")]
     try:
         if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
             # benchmarks parse their own options (argparse REMAINDER drops leading "--x" options)

@@ -9,10 +9,8 @@ Every stage checkpoints atomically each epoch; re-running into the same ``output
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import json
-import math
 import os
 import signal
 import time
@@ -26,8 +24,8 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import dist, flops, models, prune
 from .errors import UserError
-from .train.engine import amp_dtype, build_engine
 from .eval import evaluate
+from .train.engine import amp_dtype, build_engine
 from .train.loop import train_epoch
 from .train.optim import build_optimizer
 from .train.schedules import EpochIterLR, parse_schedule
@@ -247,12 +245,14 @@ class Runner:
             module = engine.module
             if hasattr(regularizer, "loss"):  # TPP: an extra loss term
                 extra_loss = lambda: regularizer.loss(module)  # noqa: E731
-            grad_hook_fn = getattr(regularizer, "apply_", None)
+            apply_fn = getattr(regularizer, "apply_", None)  # GReg: penalty gradient on pruned filters
 
-            def grad_hook(it):
+            def _reg_hook(it):
                 regularizer.step(it)
-                if grad_hook_fn is not None:
-                    grad_hook_fn(module)
+                if apply_fn is not None:
+                    apply_fn(module)
+
+            grad_hook = _reg_hook
         for epoch in range(start_epoch, epochs):
             t0 = time.time()
             if hasattr(self.data.train, "sampler") and hasattr(self.data.train.sampler, "set_epoch"):
@@ -373,8 +373,6 @@ def prepare_run_dir(cfg) -> tuple[RunDir, bool]:
         if summ.is_file() and json.loads(summ.read_text()).get("status") == "complete":
             return rd, True
     elif rd.primary:
-        if cfg.resume is True and not rd.path.exists():
-            pass
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_text("config.yaml", config_mod.dump(cfg))
     dist.barrier()
@@ -644,7 +642,7 @@ def _iterative(cfg, runner, model, plan, data, example, ctx, state):
         if cfg.prune.iterative_epochs:
             state.plan_json = full.to_json()
             lr = parse_schedule(cfg.retrain.lr_schedule).lr_at(0, total_epochs=max(cfg.retrain.epochs, 1))
-            model = runner.train_stage(f"prune", model, epochs=cfg.prune.iterative_epochs * (s + 1),
+            model = runner.train_stage("prune", model, epochs=cfg.prune.iterative_epochs * (s + 1),
                                        start_epoch=cfg.prune.iterative_epochs * s, schedule=f"0:{lr}",
                                        scfg=cfg.retrain, state=state)
         step_plan = prune.plan(model, spec, criterion="l1", example_input=example, seed=cfg.seed)

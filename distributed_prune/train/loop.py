@@ -32,7 +32,6 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
     model, device = engine.model, engine.device
     model.train()
     n_batches = len(loader)
-    steps = max(1, -(-n_batches // grad_accum))
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)

@@ -91,3 +91,8 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         checkpoint.atomic_save({"a": Boom()}, target)
     torch.testing.assert_close(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert [f.name for f in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_launcher_local_rank_argument_is_ignored(capsys):
+    assert main(["--local_rank=1", "models"]) == 0
+    assert "resnet56" in capsys.readouterr().out
