@@ -267,32 +267,26 @@ class _Conf:
         self.interp = interpreter_enabled()
         self.grouped = grouped
 
-    def fwd(self, P, M, K):
+    def _tiles(self, a, b, c, gpu_first, gpu_last):
+        """(tile sizes for the three GEMM dims, num_warps, num_stages)."""
         if self.interp:
-            if self.grouped:
-                return dict(BP=_p2(P, 16, 64), BN=_p2(M, 16, 32), BK=_p2(K, 16, 32)), 4, 1
-            return dict(BP=_p2(P, 16, 128), BN=_p2(M, 16, 64), BK=_p2(K, 16, 64)), 4, 1
+            hi = (64, 32, 32) if self.grouped else (128, 64, 64)
+            return (_p2(a, 16, hi[0]), _p2(b, 16, hi[1]), _p2(c, 16, hi[2])), 4, 1
         if self.grouped:
-            return dict(BP=32, BN=16, BK=16), 4, 1
-        return dict(BP=128, BN=64 if M > 32 else _p2(M, 16, 32), BK=32), 4, 3
+            return (32, 16, 16), 4, 1
+        return (gpu_first, 64 if b > 32 else _p2(b, 16, 32), gpu_last), 4, 3
+
+    def fwd(self, P, M, K):
+        (bp, bn, bk), w, st = self._tiles(P, M, K, 128, 32)
+        return dict(BP=bp, BN=bn, BK=bk), w, st
 
     def wgrad(self, P, M, K):
-        if self.interp:
-            if self.grouped:
-                return dict(BP=_p2(P, 16, 64), BN=_p2(M, 16, 32), BK=_p2(K, 16, 32)), 4, 1
-            return dict(BP=_p2(P, 16, 128), BN=_p2(M, 16, 64), BK=_p2(K, 16, 64)), 4, 1
-        if self.grouped:
-            return dict(BP=32, BN=16, BK=16), 4, 1
-        return dict(BP=64, BN=64 if M > 32 else _p2(M, 16, 32), BK=64), 4, 3
+        (bp, bn, bk), w, st = self._tiles(P, M, K, 64, 64)
+        return dict(BP=bp, BN=bn, BK=bk), w, st
 
     def dgrad(self, Q, NC, J):
-        if self.interp:
-            if self.grouped:
-                return dict(BQ=_p2(Q, 16, 64), BC=_p2(NC, 16, 32), BJ=_p2(J, 16, 32)), 4, 1
-            return dict(BQ=_p2(Q, 16, 128), BC=_p2(NC, 16, 64), BJ=_p2(J, 16, 64)), 4, 1
-        if self.grouped:
-            return dict(BQ=32, BC=16, BJ=16), 4, 1
-        return dict(BQ=128, BC=64 if NC > 32 else _p2(NC, 16, 32), BJ=32), 4, 3
+        (bq, bc, bj), w, st = self._tiles(Q, NC, J, 128, 32)
+        return dict(BQ=bq, BC=bc, BJ=bj), w, st
 
 
 def _out_size(size, k, s, p, d):
