@@ -98,3 +98,13 @@ def test_bit_identical_bases_and_fairness_on_real_runs(tmp_path):
     d2, dd = _run(tmp_path, "d", name="D", prune__method="l2")
     r = check(load_runs([da, dd]))
     assert r.setup == "S4.2" and r.fair and "SX-A" in r.extra
+
+
+def test_fast_path_options_bf16_channels_last_grad_accum(tmp_path):
+    """The one AMP code path (bf16 autocast), channels_last and gradient accumulation run end to
+    end and still learn (on CPU; the same code is the GPU fast path)."""
+    s, d = _run(tmp_path, "amp", train__amp="bf16", train__channels_last=True, train__grad_accum=2,
+                retrain__label_smoothing=0.1)
+    assert s["final"]["top1"] > 0.5
+    rows = _rows(d)
+    assert all(r["train_loss"] == r["train_loss"] for r in rows)  # no NaN
