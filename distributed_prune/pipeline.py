@@ -211,11 +211,134 @@ class State:
 
 
 class Runner:
-    def __init__(self, cfg, ctx, rd: RunDir, data: Data):
+    """The stages of one run and what they share (config, data, run directory, state)."""
+
+    def __init__(self, cfg, ctx, rd: RunDir, data: Data, micro_batch: int):
         self.cfg, self.ctx, self.rd, self.data = cfg, ctx, rd, data
         self.device = ctx.device
+        self.micro_batch = micro_batch
         self.amp = amp_dtype(cfg.train.amp)
         self.progress = cfg.train.progress and os.environ.get("CI") != "true"
+        self.jsv_inputs = _jsv_inputs(data.val, cfg.trainability.samples)
+        self.example = data.example.to(ctx.device)
+        self.state = State()
+        self.resume_obj = None      # training state of the checkpoint resumed from, if any
+        self.t_start = time.time()
+        self.pre_epochs, self.pre_sched = cfg.effective_pretrain()
+        self.re_epochs, self.re_sched = cfg.effective_retrain()
+
+    def _resume_for(self, stage, where):
+        """(first epoch, checkpoint training state) for ``stage`` given the resume point."""
+        if where[0] == stage:
+            return where[1] + 1, self.resume_obj
+        return 0, None
+
+    def resume(self, model):
+        """Load the newest readable checkpoint, if any: (model, (stage, epoch) resumed after)."""
+        cfg, rd, state = self.cfg, self.rd, self.state
+        found = latest_checkpoint(rd) if cfg.resume is not False else None
+        if not found:
+            if rd.primary and (rd.path / "metrics.jsonl").exists():
+                rd.truncate_metrics((-1, -1))
+            return model.to(self.device), ("start", -1)
+        path, obj = found
+        stage = path.stem if path.stem in ("base", "pruned") else path.stem.rsplit("-", 1)[0]
+        where = (stage, obj.get("epoch", -1))
+        state.record = json.loads(obj.get("record") or "{}")
+        state.plan_json = obj.get("plan")
+        if state.plan_json:
+            model = prune.replay(model, prune.Plan.from_json(state.plan_json))
+        ckpt.load_state(model, obj["state_dict"], source=f"checkpoint {path}")
+        self.resume_obj = obj if "engine" in obj else None
+        rd.truncate_metrics({"base": (0, 10**9), "pruned": (1, 10**9)}.get(stage, (STAGES.index(stage), where[1])))
+        if rd.primary:
+            print(f"dprune: resuming {rd.path} after {path.name}")
+        return model.to(self.device), where
+
+    def pretrain(self, model, where):
+        """Pretrain (or load ``pretrain.checkpoint``), then evaluate and save the dense base."""
+        cfg, state = self.cfg, self.state
+        base = _base_path(cfg)
+        if base:
+            obj = ckpt.load(base)
+            if obj.get("plan"):
+                raise UserError(f"pretrain.checkpoint {base}: holds a pruned model, not a dense base")
+            ckpt.load_state(model, obj["state_dict"], source=f"pretrain.checkpoint {base}")
+        else:
+            start, obj = self._resume_for("pretrain", where)
+            model = self.train_stage("pretrain", model, epochs=self.pre_epochs, schedule=self.pre_sched,
+                                     scfg=cfg.pretrain, state=state, start_epoch=start, resume_obj=obj)
+        model.to(self.device)
+        state.record["dense"] = {"top1": self.evaluate(model), **flops.count(model, self.example)}
+        state.record["base_model_sha256"] = ckpt.weights_sha256(model)
+        if cfg.trainability.jsv:
+            state.record["dense"]["jsv_mean"] = self.jsv(model)["mean"]
+        self.rd.save("base.pt", model, config=config_mod.to_dict(cfg), stage="base", epoch=-1,
+                     record=json.dumps(state.record))
+        return model, ("base", -1)
+
+    def prune(self, model, where):
+        """Plan (rank 0, broadcast, verified), regularization phase, surgery, reinit; evaluate."""
+        cfg, state, rd, example = self.cfg, self.state, self.rd, self.example
+        if cfg.prune.method == "none":
+            plan = prune.Plan([], list(example.shape[1:]), "none", cfg.prune.ratios)
+        else:
+            plan = _decide(cfg, model, self.data, example, self.ctx)
+        state.plan_json = None  # the dense weights go with no plan until surgery
+        if cfg.prune.method in ("greg", "tpp"):
+            start, obj = self._resume_for("prune", where)
+            first_lr = parse_schedule(self.re_sched).lr_at(0, total_epochs=max(self.re_epochs, 1))
+            model = self.train_stage("prune", model, epochs=cfg.prune.epochs,
+                                     schedule=cfg.prune.lr_schedule or f"0:{first_lr}", scfg=cfg.retrain,
+                                     state=state, start_epoch=start, resume_obj=obj,
+                                     regularizer=_regularizer(cfg, model, plan))
+        model = prune.apply(model, plan, mode="physical")
+        model, plan = _iterative(cfg, self, model, plan, self.data, example, self.ctx, state)
+        from .prune.reinit import reinit
+
+        if cfg.prune.reinit == "scratch":
+            torch.manual_seed(cfg.seed + 1)
+        model = reinit(cfg.prune.reinit, model, activation=cfg.model.activation).to(self.device)
+        state.plan_json = plan.to_json()
+        rd.write_text("plan.json", state.plan_json)
+        pf = flops.count(model, example)
+        state.record["pruned"] = {"top1": self.evaluate(model), **pf,
+                                  "speedup": state.record["dense"]["macs"] / max(pf["macs"], 1)}
+        if cfg.trainability.jsv:
+            j = self.jsv(model)
+            state.record["pruned"].update(jsv_mean=j["mean"], jsv=j)
+        rd.save("pruned.pt", model, plan=state.plan_json, config=config_mod.to_dict(cfg), stage="pruned",
+                epoch=-1, record=json.dumps(state.record))
+        if rd.primary:
+            p = state.record["pruned"]
+            print(f"[pruned] top1 {100 * p['top1']:.2f}%  MACs x{p['speedup']:.2f}  params {p['params']}"
+                  + (f"  mean JSV {p['jsv_mean']:.4g}" if "jsv_mean" in p else ""), flush=True)
+        return model, ("pruned", -1)
+
+    def retrain(self, model, where):
+        self.retrain_epochs = _retrain_epochs(self.cfg, self.re_epochs, self.pre_epochs, self.state)
+        start, obj = self._resume_for("retrain", where)
+        return self.train_stage("retrain", model, epochs=self.retrain_epochs, schedule=self.re_sched,
+                                scfg=self.cfg.retrain, state=self.state, start_epoch=start, resume_obj=obj,
+                                jsv_every=self.cfg.trainability.every_epoch)
+
+    def finish(self, model) -> dict:
+        """Final evaluation, final checkpoint, summary.json and report.md."""
+        cfg, rd, state = self.cfg, self.rd, self.state
+        final_top1 = self.evaluate(model)
+        _dump_rank_state(model, state)
+        rd.save("final.pt", model, plan=state.plan_json, config=config_mod.to_dict(cfg), stage="final",
+                epoch=self.retrain_epochs, record=json.dumps(state.record))
+        summary = _summary(cfg, self.ctx, state, rd, final_top1, self.retrain_epochs, self.re_sched,
+                           self.pre_epochs, self.pre_sched, self.data, time.time() - self.t_start)
+        if rd.primary:
+            rd.write_text("summary.json", json.dumps(summary, indent=1))
+            from .report import write_run_report
+
+            write_run_report(rd.path, summary, rd.metrics())
+            print(f"dprune: done: final top1 {100 * final_top1:.2f}%  -> {rd.path / 'summary.json'}")
+        dist.barrier()
+        return summary
 
     # one generic stage: pretrain, prune (regularization phase) or retrain
     def train_stage(self, stage, model, *, epochs, schedule, scfg, state: State, start_epoch=0,
@@ -319,6 +442,18 @@ def _taylor_grads(model, loader, batches, device):
             dist.all_reduce_mean(p.grad)
 
 
+def _regularizer(cfg, model, plan):
+    """GReg or TPP over the plan's pruned filters (PAPER.md section 3)."""
+    from .prune.regularize import GReg, TPP
+
+    r = cfg.prune.reg
+    common = dict(reg_granularity=r.granularity, reg_ceiling=r.ceiling,
+                  update_reg_interval=r.update_interval, stabilize_interval=r.stabilize_interval)
+    if cfg.prune.method == "greg":
+        return GReg(model, _targets(plan, model), **common)
+    return TPP(model, _targets(plan, model), lw_opp=r.lw_opp, **common)
+
+
 def _targets(plan, model):
     """Regularization targets (root layer, pruned filters, its BN) from a plan."""
     from .prune.regularize import Target
@@ -406,6 +541,30 @@ def run(cfg) -> dict:
 
 
 def _run(cfg, ctx) -> dict:
+    """DESIGN.md's data flow, one line per stage (each stage resumes where a checkpoint left off)."""
+    _set_backends(cfg, ctx)
+    micro = _micro_batch(cfg, ctx)
+    data = build_data(cfg, ctx, micro)   # bad paths fail here, before any directory exists
+    model = build_model(cfg, data.info)
+    _check_before_run_dir(cfg, ctx, model, data)
+    rd, complete = prepare_run_dir(cfg)
+    if complete:
+        if rd.primary:
+            print(f"dprune: {rd.path} is already complete")
+        return json.loads((rd.path / "summary.json").read_text())
+    runner = Runner(cfg, ctx, rd, data, micro)
+    model, where = runner.resume(model)
+    if where[0] in ("start", "pretrain"):
+        model, where = runner.pretrain(model, where)      # or load the base model; evaluate dense
+    if where[0] in ("base", "prune"):
+        model, where = runner.prune(model, where)         # plan, [reg. phase], surgery, reinit
+    elif runner.state.plan_json:
+        rd.write_text("plan.json", runner.state.plan_json)
+    model = runner.retrain(model, where)                  # engine built after surgery
+    return runner.finish(model)                           # summary.json, report.md
+
+
+def _set_backends(cfg, ctx):
     torch.manual_seed(cfg.seed)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
@@ -413,160 +572,35 @@ def _run(cfg, ctx) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _micro_batch(cfg, ctx) -> int:
     denom = ctx.world_size * cfg.train.grad_accum
     if cfg.data.batch_size % denom:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by world size x "
                         f"train.grad_accum = {denom}")
-    micro = cfg.data.batch_size // denom
-    data = build_data(cfg, ctx, micro)   # bad paths fail here, before any directory exists
-    model = build_model(cfg, data.info)
-    pre_epochs, pre_sched = cfg.effective_pretrain()
-    re_epochs, re_sched = cfg.effective_retrain()
+    return cfg.data.batch_size // denom
+
+
+def _base_path(cfg):
+    """``pretrain.checkpoint`` with "{seed}" filled in (one base per seed shared by a sweep)."""
+    return cfg.pretrain.checkpoint.format(seed=cfg.seed) if cfg.pretrain.checkpoint else None
+
+
+def _check_before_run_dir(cfg, ctx, model, data):
+    """Input errors that need the model or data, raised before anything is written."""
     if cfg.prune.method in ("greg", "tpp") and cfg.prune.epochs == 0:
         raise UserError(f"prune.epochs must be > 0 for prune.method={cfg.prune.method} (regularization phase)")
-    # "{seed}" in the path selects a per-seed base (one base per seed shared by a sweep's runs)
-    base_path = cfg.pretrain.checkpoint.format(seed=cfg.seed) if cfg.pretrain.checkpoint else None
-    if base_path and not Path(base_path).is_file():
-        raise UserError(f"pretrain.checkpoint {base_path}: file not found")
+    base = _base_path(cfg)
+    if base and not Path(base).is_file():
+        raise UserError(f"pretrain.checkpoint {base}: file not found")
     if cfg.dist.sync_bn and ctx.device.type != "cuda":
         raise UserError("dist.sync_bn=true needs CUDA (SyncBatchNorm refuses CPU modules)")
     if cfg.retrain.scratch_budget != "none" and cfg.prune.reinit != "scratch":
         raise UserError("retrain.scratch_budget needs prune.reinit=scratch")
-
     if cfg.prune.method != "none":  # a spec that does not fit this model fails now, not after pretraining
         prune.plan(model, cfg.prune.ratios, criterion="random", example_input=data.example,
                    skip=cfg.prune.skip, round_to=cfg.prune.round_to)
-
-    rd, complete = prepare_run_dir(cfg)
-    if complete:
-        if rd.primary:
-            print(f"dprune: {rd.path} is already complete")
-        return json.loads((rd.path / "summary.json").read_text())
-
-    t_start = time.time()
-    runner = Runner(cfg, ctx, rd, data)
-    runner.micro_batch = micro
-    runner.jsv_inputs = _jsv_inputs(data.val, cfg.trainability.samples)
-    example = data.example.to(ctx.device)
-    state = State()
-
-    # ---- resume point
-    found = latest_checkpoint(rd) if cfg.resume is not False else None
-    where = ("start", -1)
-    resume_obj = None
-    if found:
-        path, obj = found
-        stage = path.stem if path.stem in ("base", "pruned") else path.stem.rsplit("-", 1)[0]
-        where = (stage, obj.get("epoch", -1))
-        state.record = json.loads(obj.get("record") or "{}")
-        state.plan_json = obj.get("plan")
-        if state.plan_json:
-            model = prune.replay(model, prune.Plan.from_json(state.plan_json))
-        ckpt.load_state(model, obj["state_dict"], source=f"checkpoint {path}")
-        resume_obj = obj if "engine" in obj else None
-        upto = {"base": (0, 10**9), "pruned": (1, 10**9)}.get(stage, (STAGES.index(stage) if stage in STAGES else 0,
-                                                                     where[1]))
-        rd.truncate_metrics(upto)
-        if rd.primary:
-            print(f"dprune: resuming {rd.path} after {path.name}")
-    elif rd.primary and (rd.path / "metrics.jsonl").exists():
-        rd.truncate_metrics((-1, -1))
-    model.to(ctx.device)
-
-    # ---- pretrain (or load a base model)
-    if where[0] in ("start", "pretrain"):
-        if base_path:
-            obj = ckpt.load(base_path)
-            if obj.get("plan"):
-                raise UserError(f"pretrain.checkpoint {base_path}: holds a pruned model, not a dense base")
-            ckpt.load_state(model, obj["state_dict"], source=f"pretrain.checkpoint {base_path}")
-        else:
-            start = where[1] + 1 if where[0] == "pretrain" else 0
-            model = runner.train_stage("pretrain", model, epochs=pre_epochs, schedule=pre_sched,
-                                       scfg=cfg.pretrain, state=state, start_epoch=start,
-                                       resume_obj=resume_obj if where[0] == "pretrain" else None)
-        model.to(ctx.device)
-        dense_f = flops.count(model, example)
-        state.record["dense"] = {"top1": runner.evaluate(model), **dense_f}
-        state.record["base_model_sha256"] = ckpt.weights_sha256(model)
-        if cfg.trainability.jsv:
-            state.record["dense"]["jsv_mean"] = runner.jsv(model)["mean"]
-        rd.save("base.pt", model, config=config_mod.to_dict(cfg), stage="base", epoch=-1,
-                record=json.dumps(state.record))
-        where, resume_obj = ("base", -1), None
-
-    # ---- prune: plan (rank 0, broadcast, verified), regularization phase, surgery, reinit
-    if where[0] in ("base", "prune"):
-        if cfg.prune.method == "none":
-            plan = prune.Plan([], list(example.shape[1:]), "none", cfg.prune.ratios)
-        else:
-            plan = _decide(cfg, model, data, example, ctx)
-        state.plan_json = None  # the dense weights go with no plan until surgery
-        if cfg.prune.method in ("greg", "tpp"):
-            from .prune.regularize import GReg, TPP
-
-            r = cfg.prune.reg
-            common = dict(reg_granularity=r.granularity, reg_ceiling=r.ceiling,
-                          update_reg_interval=r.update_interval, stabilize_interval=r.stabilize_interval)
-            reg = (GReg(model, _targets(plan, model), **common) if cfg.prune.method == "greg"
-                   else TPP(model, _targets(plan, model), lw_opp=r.lw_opp, **common))
-            sched = cfg.prune.lr_schedule or f"0:{parse_schedule(re_sched).lr_at(0, total_epochs=max(re_epochs, 1))}"
-            start = where[1] + 1 if where[0] == "prune" else 0
-            model = runner.train_stage("prune", model, epochs=cfg.prune.epochs, schedule=sched,
-                                       scfg=cfg.retrain, state=state, start_epoch=start,
-                                       resume_obj=resume_obj if where[0] == "prune" else None,
-                                       regularizer=reg)
-        model = prune.apply(model, plan, mode="physical")
-        model, plan = _iterative(cfg, runner, model, plan, data, example, ctx, state)
-        from .prune.reinit import reinit
-
-        if cfg.prune.reinit == "scratch":
-            torch.manual_seed(cfg.seed + 1)
-        model = reinit(cfg.prune.reinit, model, activation=cfg.model.activation)
-        model.to(ctx.device)
-        state.plan_json = plan.to_json()
-        rd.write_text("plan.json", state.plan_json)
-        pf = flops.count(model, example)
-        state.record["pruned"] = {"top1": runner.evaluate(model), **pf,
-                                  "speedup": state.record["dense"]["macs"] / max(pf["macs"], 1)}
-        if cfg.trainability.jsv:
-            j = runner.jsv(model)
-            state.record["pruned"]["jsv_mean"] = j["mean"]
-            state.record["pruned"]["jsv"] = j
-        rd.save("pruned.pt", model, plan=state.plan_json, config=config_mod.to_dict(cfg), stage="pruned",
-                epoch=-1, record=json.dumps(state.record))
-        if rd.primary:
-            p = state.record["pruned"]
-            print(f"[pruned] top1 {100 * p['top1']:.2f}%  MACs x{p['speedup']:.2f}  params {p['params']}"
-                  + (f"  mean JSV {p['jsv_mean']:.4g}" if "jsv_mean" in p else ""), flush=True)
-        where, resume_obj = ("pruned", -1), None
-    elif state.plan_json:
-        rd.write_text("plan.json", state.plan_json)
-
-    # ---- retrain (the engine is built inside, after surgery)
-    epochs = _retrain_epochs(cfg, re_epochs, pre_epochs, state)
-    start = where[1] + 1 if where[0] == "retrain" else 0
-    model = runner.train_stage("retrain", model, epochs=epochs, schedule=re_sched, scfg=cfg.retrain,
-                               state=state, start_epoch=start,
-                               resume_obj=resume_obj if where[0] == "retrain" else None,
-                               jsv_every=cfg.trainability.every_epoch)
-    final_top1 = runner.evaluate(model)
-    _dump_rank_state(model, state)
-    rd.save("final.pt", model, plan=state.plan_json, config=config_mod.to_dict(cfg), stage="final",
-            epoch=epochs, record=json.dumps(state.record))
-    summary = _summary(cfg, ctx, state, rd, final_top1, epochs, re_sched, pre_epochs, pre_sched, data,
-                       time.time() - t_start)
-    if rd.primary:
-        rd.write_text("summary.json", json.dumps(summary, indent=1))
-        try:
-            from .report import write_run_report
-
-            write_run_report(rd.path, summary, rd.metrics())
-        except ImportError:
-            pass
-        print(f"dprune: done: final top1 {100 * final_top1:.2f}%  -> {rd.path / 'summary.json'}")
-    dist.barrier()
-    return summary
 
 
 def _dump_rank_state(model, state):
