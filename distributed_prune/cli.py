@@ -63,9 +63,16 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
+    # every conv/linear layer with its resolved ratio; "coupled" = pruned with another group's root
+    by_root = {r["layer"]: r for r in rows}
+    coupled = {m.split(":")[0] for g in p.groups for m in g.members if m.endswith(":out")} - set(by_root)
     print(f"{'layer':40s} {'ratio':>6s} {'channels':>9s} {'kept':>6s}")
-    for r in rows:
-        print(f"{r['layer']:40s} {r['ratio']:6.3f} {r['channels']:9d} {r['kept']:6d}")
+    for name, ratio in p.layer_ratios.items():
+        r = by_root.get(name)
+        if r:
+            print(f"{name:40s} {r['ratio']:6.3f} {r['channels']:9d} {r['kept']:6d}")
+        else:
+            print(f"{name:40s} {ratio:6.3f} {'':>9s} {'coupled' if name in coupled else '-':>6s}")
     print(f"MACs   {dense['macs'] / 1e6:12.2f} M -> {pruned['macs'] / 1e6:12.2f} M   speedup {out['speedup']:.2f}x")
     print(f"params {dense['params'] / 1e6:12.3f} M -> {pruned['params'] / 1e6:12.3f} M   "
           f"({100 * out['params_reduction']:.2f}% fewer)")
@@ -199,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dprune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
