@@ -41,6 +41,15 @@ RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (PAPER.
 
 
 # --------------------------------------------------------------------------- arguments
+def add_common_arguments(p) -> None:
+    """Options every model benchmark takes: device, CPU threads, seed, JSON output."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="also write the JSON object to this file")
+
+
 def device_and_threads(args) -> torch.device:
     """``--device`` resolved, and ``--threads`` applied to torch (benchmarks share these flags)."""
     device = resolve_device(args.device)

@@ -63,11 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MAC and measured speedups for round_to none/8/16/32 over the ResNet-50 ratios")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 30 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default: 5 GPU, 1 CPU)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--out", default=None, help="also write the JSON object to this file")
+    common.add_common_arguments(p)
     return p
 
 

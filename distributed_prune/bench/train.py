@@ -73,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="> 1: distributed_prune.bench.scaling")
     p.add_argument("--fast-path-ablation", action="store_true")
     p.add_argument("--profile", default=None, metavar="DIR")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--out", default=None, help="also write the JSON object to this file")
+    common.add_common_arguments(p)
     return p
 
 
