@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import flops, models, prune
-from ..cli import parse_input_size  # noqa: F401  (re-exported for the benchmarks)
+from ..cli import parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
 from ..train.loop import train_epoch
@@ -48,6 +48,17 @@ def add_common_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
+
+
+def base_settings(args) -> dict:
+    """Settings every model benchmark resolves the same way (device-dependent defaults)."""
+    device = device_and_threads(args)
+    gpu = device.type == "cuda"
+    d = defaults(args.model, device)
+    return {"device": device, "gpu": gpu, "batch": given(args.batch, d["batch"]),
+            "input_size": parse_input_size(args.input_size) if args.input_size else d["input_size"],
+            "num_classes": given(args.num_classes, d["num_classes"]),
+            "channels_last": gpu if args.channels_last is None else args.channels_last}
 
 
 def device_and_threads(args) -> torch.device:

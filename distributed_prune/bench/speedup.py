@@ -69,18 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> dict:
     """Resolved settings (device-dependent defaults filled in)."""
-    device = common.device_and_threads(args)
-    gpu = device.type == "cuda"
-    d = common.defaults(args.model, device)
-    s = {"model": args.model, "device": device,
-         "batch": common.given(args.batch, d["batch"]),
-         "input_size": common.parse_input_size(args.input_size) if args.input_size else d["input_size"],
-         "num_classes": common.given(args.num_classes, d["num_classes"]),
-         "dtype": args.dtype or ("bf16" if gpu else "fp32"),
-         "channels_last": gpu if args.channels_last is None else args.channels_last,
-         "compile": args.compile,
-         "reps": common.given(args.reps, 30 if gpu else 5),
-         "warmup": common.given(args.warmup, 5 if gpu else 1)}
+    s = common.base_settings(args)
+    gpu = s.pop("gpu")
+    s.update({"model": args.model, "dtype": args.dtype or ("bf16" if gpu else "fp32"),
+              "compile": args.compile, "reps": common.given(args.reps, 30 if gpu else 5),
+              "warmup": common.given(args.warmup, 5 if gpu else 1)})
     common.check_positive(batch=s["batch"], reps=s["reps"], warmup=s["warmup"], round_to=args.round_to,
                           num_classes=s["num_classes"])
     return s

@@ -78,17 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args) -> dict:
-    device = common.device_and_threads(args)
-    gpu = device.type == "cuda"
-    d = common.defaults(args.model, device)
-    s = {"device": device, "batch": common.given(args.batch, d["batch"]),
-         "input_size": common.parse_input_size(args.input_size) if args.input_size else d["input_size"],
-         "num_classes": common.given(args.num_classes, d["num_classes"]),
-         "amp": args.amp or ("bf16" if gpu else "none"),
-         "channels_last": gpu if args.channels_last is None else args.channels_last,
-         "compile": args.compile,
-         "steps": common.given(args.steps, 10 if gpu else 2), "reps": common.given(args.reps, 5 if gpu else 3),
-         "warmup": common.given(args.warmup, 10 if gpu else 1)}
+    s = common.base_settings(args)
+    gpu = s.pop("gpu")
+    s.update({"amp": args.amp or ("bf16" if gpu else "none"),
+              "compile": args.compile, "steps": common.given(args.steps, 10 if gpu else 2),
+              "reps": common.given(args.reps, 5 if gpu else 3), "warmup": common.given(args.warmup, 10 if gpu else 1)})
     common.check_positive(batch=s["batch"], steps=s["steps"], reps=s["reps"], warmup=s["warmup"],
                           num_classes=s["num_classes"], round_to=args.round_to)
     return s

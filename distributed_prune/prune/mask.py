@@ -34,31 +34,36 @@ def _targets(mod: nn.Module, dim: str, idxs: list[int], name: str):
 
 
 class ChannelMasks:
-    """The masks of one model: ``entries`` are (module, param name, dim, index tensor)."""
+    """The masks of one model: per module, (param name, dim, index tensor) to keep at zero.
+
+    Grouped by module so the forward pre-hook of a module touches only its own parameters
+    (it runs on every forward: no scan over the whole model's masks per layer)."""
 
     def __init__(self):
-        self.entries: list[tuple[nn.Module, str, int, torch.Tensor]] = []
+        self.by_module: dict[nn.Module, list[tuple[str, int, torch.Tensor]]] = {}
         self.handles = []
 
     def add(self, mod, pname, dim, idxs):
         p = getattr(mod, pname, None)
         if p is None or not idxs:
             return
-        self.entries.append((mod, pname, dim, torch.tensor(sorted(set(idxs)), device=p.device)))
+        self.by_module.setdefault(mod, []).append(
+            (pname, dim, torch.tensor(sorted(set(idxs)), device=p.device)))
 
     @torch.no_grad()
     def zero_(self, module: nn.Module | None = None):
-        for mod, pname, dim, idx in self.entries:
-            if module is None or mod is module:
-                getattr(mod, pname).index_fill_(dim, idx.to(getattr(mod, pname).device), 0)
+        mods = self.by_module if module is None else {module: self.by_module.get(module, [])}
+        for mod, es in mods.items():
+            for pname, dim, idx in es:
+                p = getattr(mod, pname)
+                p.index_fill_(dim, idx if idx.device == p.device else idx.to(p.device), 0)
 
     def install(self):
-        for mod in {id(e[0]): e[0] for e in self.entries}.values():
+        for mod, es in self.by_module.items():
             self.handles.append(mod.register_forward_pre_hook(lambda m, args: self.zero_(m)))
-        for mod, pname, dim, idx in self.entries:
-            p = getattr(mod, pname)
-            self.handles.append(p.register_hook(
-                lambda g, dim=dim, idx=idx: g.index_fill(dim, idx.to(g.device), 0)))
+            for pname, dim, idx in es:
+                self.handles.append(getattr(mod, pname).register_hook(
+                    lambda g, dim=dim, idx=idx: g.index_fill(dim, idx.to(g.device), 0)))
         self.zero_()
 
     def remove(self):
