@@ -3,6 +3,7 @@
     dprune run CONFIG [key=value ...]            pretrain -> prune -> retrain (see configs/)
     dprune quickstart [--out DIR]                the paper's trainability story on digits, on CPU
     dprune plan --model resnet56 --ratios "[0,0.7,0.7,0.7,0]" --num-classes 10 --input-size 3,32,32
+    dprune plan --model resnet50 --weights IMAGENET1K_V1 --ratios "[0,0.6,0.6,0.6,0.21,0]"
     dprune report RUN_DIR... [--out FILE] [--json]
     dprune sweep CONFIG --grid key=v1,v2 [--seeds N] [--launcher local|torchrun|slurm]
     dprune config show CONFIG [key=value ...]
@@ -43,7 +44,12 @@ def cmd_plan(args) -> int:
 
     from . import flops, models, prune
 
-    net = models.create(args.model, num_classes=args.num_classes)
+    if args.new_head and not args.weights:
+        raise UserError("--new-head needs --weights")
+    if args.num_classes is None and not args.weights:
+        args.num_classes = 1000
+
+    net = models.create(args.model, num_classes=args.num_classes, weights=args.weights, new_head=args.new_head)
     x = torch.zeros(1, *parse_input_size(args.input_size))
     try:
         dense = flops.count(net, x)
@@ -115,9 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="per-layer kept channels, MACs, params and speedup")
     s.add_argument("--model", required=True)
     s.add_argument("--ratios", required=True)
-    s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--num-classes", type=int, default=None, help="default: 1000, or the classes of --weights")
     s.add_argument("--input-size", default="3,224,224")
     s.add_argument("--criterion", default="l1")
+    s.add_argument("--weights", default=None,
+                   help="torchvision pretrained weights (IMAGENET1K_V1, DEFAULT, ...): the criterion scores them")
+    s.add_argument("--new-head", action="store_true", help="with --weights: a new classifier head for --num-classes")
     s.add_argument("--round-to", type=int, default=None)
     s.add_argument("--skip", action="append", help="glob pattern of layers never pruned")
     s.add_argument("--json", action="store_true")

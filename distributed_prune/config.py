@@ -44,6 +44,13 @@ class ModelCfg(_Section):
     num_classes: Optional[int] = None        # default: from the dataset
     kwargs: dict = {}                         # extra factory arguments (e.g. in_features)
     activation: Literal["relu", "linear"] = "relu"  # gain used by OrthP
+    # torchvision's pretrained weights by name (IMAGENET1K_V1, DEFAULT, ...), from the torch.hub
+    # cache ($TORCH_HOME), downloaded once when missing; the base model instead of pretraining
+    # when pretrain.epochs is 0 (or the start of pretraining / fine-tuning otherwise)
+    weights: Optional[str] = None
+    # with weights: num_classes may differ from the weights' classes; the classifier head is
+    # then replaced by a freshly initialised one (every other layer keeps its pretrained weights)
+    new_head: bool = False
 
     @field_validator("name")
     @classmethod
@@ -53,6 +60,19 @@ class ModelCfg(_Section):
         if v not in list_models():
             raise ValueError(f"unknown model {v!r} (see `dprune models`)")
         return v
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.weights is not None:
+            from .models.pretrained import resolve
+
+            try:
+                resolve(self.name, self.weights)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        elif self.new_head:
+            raise ValueError("model.new_head: needs model.weights (a pretrained model to put it on)")
+        return self
 
 
 class DataCfg(_Section):
@@ -185,6 +205,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _pxfy(self):
+        if self.model.weights is not None and self.pretrain.checkpoint:
+            raise ValueError("model.weights and pretrain.checkpoint both give the base model: keep one")
         if self.pxfy.total_epochs:
             if not self.pxfy.lr_schedule:
                 raise ValueError("pxfy.lr_schedule is required with pxfy.total_epochs")
@@ -251,6 +273,9 @@ def _one_line(e: ValidationError) -> str:
     if err["type"] == "extra_forbidden":
         return f"config: unknown key {key!r}"
     msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{key}: ")
+    named = re.match(r"[a-z_]+(\.[a-z_]+)+\b", msg)
+    if named and (key == "config" or named.group(0).startswith(key + ".")):
+        return f"config: {msg}"  # a section-level check whose message names its own key(s)
     inp = err.get("input")
     shown = f" (got {inp!r})" if not isinstance(inp, dict) and inp is not None and len(repr(inp)) < 80 else ""
     return f"config: {key}: {msg}{shown}"

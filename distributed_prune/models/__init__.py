@@ -1,7 +1,8 @@
 """Model registry.
 
 ``create(name, num_classes=...)`` builds any registered model; ``list_models()`` lists the
-project's own models plus every torchvision classification model (registered on demand).
+project's own models plus every torchvision classification model (registered on demand);
+``create(name, weights="IMAGENET1K_V1")`` loads torchvision's pretrained weights.
 
 Register a new model with::
 
@@ -46,9 +47,22 @@ def list_models(include_torchvision: bool = True) -> list[str]:
     return sorted(names)
 
 
-def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Build model ``name`` with ``num_classes`` outputs (random init, never downloaded weights)."""
+def create(name: str, num_classes: int | None = None, *, weights: str | None = None,
+           new_head: bool = False, **kwargs) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` outputs (default 10; with ``weights``, the
+    weights' classes).
+
+    ``weights=None``: random init, nothing downloaded. ``weights="IMAGENET1K_V1"`` (any name of
+    torchvision's weights enum for that model, or ``"DEFAULT"``): torchvision's pretrained
+    weights from the torch.hub cache, downloaded once when missing; a ``num_classes`` that
+    differs from the weights' classes needs ``new_head=True`` (see :mod:`.pretrained`).
+    """
     _load_builtin()
+    if weights is not None:
+        from .pretrained import create_pretrained
+
+        return create_pretrained(name, weights, num_classes=num_classes, new_head=new_head, **kwargs)
+    num_classes = 10 if num_classes is None else num_classes
     if name in _REGISTRY:
         return _REGISTRY[name](num_classes=num_classes, **kwargs)
     from .tv import build_torchvision, torchvision_classifiers
