@@ -5,6 +5,7 @@
     dprune plan --model resnet56 --ratios "[0,0.7,0.7,0.7,0]" --num-classes 10 --input-size 3,32,32
     dprune plan --model resnet50 --weights IMAGENET1K_V1 --ratios "[0,0.6,0.6,0.6,0.21,0]"
     dprune report RUN_DIR... [--out FILE] [--json]
+    dprune export RUN_DIR --format onnx|torch-export|state-dict [--out FILE] [--input-size C,H,W]
     dprune sweep CONFIG --grid key=v1,v2 [--seeds N] [--launcher local|torchrun|slurm]
     dprune config show CONFIG [key=value ...]
     dprune bench {kernels,train,loader,speedup} ...
@@ -85,6 +86,15 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    size = parse_input_size(args.input_size) if args.input_size else None
+    out = export(args.run, args.format, out=args.out, input_size=size)
+    print(f"dprune: wrote {out}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from . import models
 
@@ -139,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     s.set_defaults(func=_lazy("pipeline", "cli_run"))
+
+    s = sub.add_parser("export", help="write a run's pruned model (ONNX, torch.export, state dict)")
+    s.add_argument("run", help="run directory or checkpoint file")
+    s.add_argument("--format", required=True, help="onnx | torch-export | state-dict")
+    s.add_argument("--out", default=None, help="output file (default: RUN_DIR/export/pruned.{onnx,pt2,pt})")
+    s.add_argument("--input-size", default=None, help="one sample's shape C,H,W (default: the plan's)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("quickstart", help="the embedded default experiment (digits, CPU)")
     s.add_argument("--out", default="runs/quickstart")

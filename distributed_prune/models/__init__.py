@@ -70,3 +70,25 @@ def create(name: str, num_classes: int | None = None, *, weights: str | None = N
     if name in torchvision_classifiers():
         return build_torchvision(name, num_classes=num_classes, **kwargs)
     raise UserError(f"model.name: unknown model {name!r} (see `dprune models` for the list)")
+
+
+def factory_params(name: str) -> set[str]:
+    """Keyword arguments the project's own factory for ``name`` takes (empty for torchvision)."""
+    import inspect
+
+    _load_builtin()
+    fn = _REGISTRY.get(name)
+    return set(inspect.signature(fn).parameters) if fn else set()
+
+
+def input_kwargs(name: str, input_shape, kwargs: dict | None = None) -> dict:
+    """``kwargs`` plus the input width the factory needs from one sample's shape: ``in_features``
+    for a flat (F,) sample, ``in_channels`` for a (C, H, W) image (explicit kwargs win)."""
+    kw = dict(kwargs or {})
+    params = factory_params(name)
+    shape = tuple(input_shape)
+    if "in_features" in params and len(shape) == 1:
+        kw.setdefault("in_features", shape[0])
+    if "in_channels" in params and len(shape) == 3:
+        kw.setdefault("in_channels", shape[0])
+    return kw

@@ -130,6 +130,36 @@ def create_pretrained(model_name: str, weights: str, num_classes: int | None = N
     return net
 
 
+def architecture_kwargs(model_name: str, weights) -> dict:
+    """Constructor settings torchvision's builders force when they load ``weights`` (torchvision
+    0.19-0.29: GoogLeNet / Inception-v3 normalise their input themselves, ViT and MaxViT take
+    the weights' image size), so a model can be rebuilt with the same architecture and forward
+    pass without reading the weights file (loading a pruned checkpoint of it)."""
+    kw = {}
+    if model_name in ("googlenet", "inception_v3"):
+        kw.update(transform_input=True, init_weights=False)
+    size = weights.meta.get("min_size")
+    if model_name.startswith("vit_") and size:
+        kw["image_size"] = size[0]
+    if model_name.startswith("maxvit") and size:
+        kw["input_size"] = size
+    return kw
+
+
+def create_architecture(model_name: str, weights: str, num_classes: int | None = None,
+                        new_head: bool = False, **kwargs) -> nn.Module:
+    """The model :func:`create_pretrained` builds, with random weights and nothing read or
+    downloaded: the skeleton a checkpoint of a run that started from ``weights`` is loaded into."""
+    import torchvision.models as tvm
+
+    w = resolve(model_name, weights)
+    classes = num_classes_of(w) if num_classes is None or not new_head else num_classes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tvm.get_model(model_name, weights=None, num_classes=classes,
+                             **{**architecture_kwargs(model_name, w), **kwargs})
+
+
 def head_modules(net: nn.Module, other: nn.Module) -> list[str]:
     """Names of the modules owning a parameter whose shape differs between two instances of the
     same architecture built with different class counts: the classifier head(s)."""
