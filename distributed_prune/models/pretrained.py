@@ -132,12 +132,15 @@ def create_pretrained(model_name: str, weights: str, num_classes: int | None = N
 
 def architecture_kwargs(model_name: str, weights) -> dict:
     """Constructor settings torchvision's builders force when they load ``weights`` (torchvision
-    0.19-0.29: GoogLeNet / Inception-v3 normalise their input themselves, ViT and MaxViT take
+    0.19-0.29: GoogLeNet / Inception-v3 normalise their input themselves, GoogLeNet has no
+    auxiliary heads, ViT and MaxViT take
     the weights' image size), so a model can be rebuilt with the same architecture and forward
     pass without reading the weights file (loading a pruned checkpoint of it)."""
     kw = {}
     if model_name in ("googlenet", "inception_v3"):
         kw.update(transform_input=True, init_weights=False)
+    if model_name == "googlenet":  # its builder drops the (untrained) auxiliary heads
+        kw["aux_logits"] = False
     size = weights.meta.get("min_size")
     if model_name.startswith("vit_") and size:
         kw["image_size"] = size[0]

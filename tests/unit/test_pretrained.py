@@ -146,3 +146,18 @@ def test_plan_cli_weights_errors_exit_2(torch_home, extra, needle, capsys):
     assert main(["plan", "--model", "resnet18", "--ratios", "0.5", "--input-size", "3,32,32"] + extra) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("new_head", [False, True])
+def test_architecture_without_the_file_matches_pretrained(torch_home, new_head):
+    # GoogLeNet's builder changes its forward pass for pretrained weights (transform_input) and
+    # drops the auxiliary heads: a checkpoint of it must be loaded into that same architecture
+    _cache("googlenet", "IMAGENET1K_V1", aux_logits=True, init_weights=False)
+    nc = 5 if new_head else None
+    pre = models.create("googlenet", num_classes=nc, weights="IMAGENET1K_V1", new_head=new_head).eval()
+    skeleton = pretrained.create_architecture("googlenet", "IMAGENET1K_V1", num_classes=nc, new_head=new_head)
+    assert skeleton.transform_input and pre.transform_input
+    skeleton.load_state_dict(pre.state_dict())  # strict: same keys and shapes
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton.eval()(x), pre(x), rtol=0, atol=0)
