@@ -161,3 +161,17 @@ def test_architecture_without_the_file_matches_pretrained(torch_home, new_head):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(skeleton.eval()(x), pre(x), rtol=0, atol=0)
+
+
+def test_paper_resnet50_configs_start_from_torchvision_weights():
+    from pathlib import Path
+
+    paper = sorted((Path(__file__).resolve().parents[2] / "configs" / "paper").glob("resnet50_imagenet_*.yaml"))
+    assert len(paper) >= 3
+    for path in paper:
+        cfg = config.load(path)
+        assert cfg.model.weights == "IMAGENET1K_V1" and not cfg.model.new_head, path.name
+        assert cfg.pretrain.checkpoint is None and cfg.effective_pretrain()[0] == 0, path.name
+        w = pretrained.resolve(cfg.model.name, cfg.model.weights)
+        assert pretrained.cache_file(w).name == "resnet50-0676ba61.pth"  # torchvision's 76.13 % model
+        assert w.meta["_metrics"]["ImageNet-1K"]["acc@1"] == pytest.approx(76.13)
