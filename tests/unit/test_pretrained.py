@@ -175,3 +175,23 @@ def test_paper_resnet50_configs_start_from_torchvision_weights():
         w = pretrained.resolve(cfg.model.name, cfg.model.weights)
         assert pretrained.cache_file(w).name == "resnet50-0676ba61.pth"  # torchvision's 76.13 % model
         assert w.meta["_metrics"]["ImageNet-1K"]["acc@1"] == pytest.approx(76.13)
+
+
+def test_bench_speedup_weights(torch_home, capsys):
+    _cache("resnet18", "IMAGENET1K_V1", seed=5)
+    argv = ["bench", "speedup", "--model", "resnet18", "--ratios", "[0,0.5,0.5,0.5,0.5,0]", "--batch", "2",
+            "--input-size", "3,32,32", "--reps", "1", "--warmup", "0", "--device", "cpu", "--json"]
+    assert main(argv + ["--weights", "IMAGENET1K_V1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["weights"] == "ResNet18_Weights.IMAGENET1K_V1" and res["num_classes"] == 1000
+    from distributed_prune import prune
+
+    # the plan is the L1 plan of the pretrained weights, not of a random init
+    pre = prune.plan(models.create("resnet18", weights="IMAGENET1K_V1"), "[0,0.5,0.5,0.5,0.5,0]",
+                     example_input=torch.zeros(1, 3, 32, 32))
+    torch.manual_seed(0)
+    rnd = prune.plan(models.create("resnet18", num_classes=1000), "[0,0.5,0.5,0.5,0.5,0]",
+                     example_input=torch.zeros(1, 3, 32, 32))
+    assert res["plan_sha256"] == pre.sha256() != rnd.sha256()
+    assert main(argv + ["--weights", "IMAGENET1K_V2"]) == 2
+    assert "has no weights 'IMAGENET1K_V2'" in capsys.readouterr().err
