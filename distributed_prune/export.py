@@ -96,8 +96,9 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, prune.Plan, dict]:
     plan = prune.Plan.from_json(obj["plan"])
     cfg = config_mod.from_dict({k: v for k, v in obj["config"].items()})
     state = obj["state_dict"]
-    net = _build(cfg.model, plan.input_shape, _num_classes(cfg.model, plan.input_shape, state, src))
-    net = prune.replay(net, plan)
+    with torch.enable_grad():  # the replay traces with autograd: works inside a caller's no_grad()
+        net = _build(cfg.model, plan.input_shape, _num_classes(cfg.model, plan.input_shape, state, src))
+        net = prune.replay(net, plan)
     ckpt.load_state(net, state, source=f"checkpoint {src}")
     return net.to(device).eval(), plan, obj["config"]
 

@@ -193,3 +193,25 @@ def test_export_bad_input_one_line_exit_2(run_dir, tmp_path, capsys, case, needl
     after = sorted(p.name for p in (run_dir / "export").iterdir()) if (run_dir / "export").exists() else []
     assert after == before, "nothing written"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("a_file", "dense")) == []
+
+
+def test_load_run_from_pretrained_weights_without_the_weights_file(tmp_path, monkeypatch):
+    # a run that started from torchvision weights with a new 5-class head (num_classes from the
+    # data set, so not in the config): loading needs neither the weights file nor the network
+    from distributed_prune.models import pretrained
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    w = pretrained.resolve("resnet18", "IMAGENET1K_V1")
+    pretrained.cache_file(w).parent.mkdir(parents=True)
+    torch.save(models.create("resnet18", num_classes=1000).state_dict(), pretrained.cache_file(w))
+    net = models.create("resnet18", num_classes=5, weights="IMAGENET1K_V1", new_head=True)
+    plan = prune.plan(net, "[0,0.5,0.5,0.5,0.5,0]", example_input=torch.zeros(1, 3, 32, 32))
+    small = prune.apply(net, plan, mode="physical").eval()
+    cfg = config.load(None, ["model.name=resnet18", "model.weights=IMAGENET1K_V1", "model.new_head=true"])
+    path = checkpoint.save(tmp_path / "run" / "checkpoints" / "final.pt", small, plan=plan,
+                           config=config.to_dict(cfg))
+    pretrained.cache_file(w).unlink()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    x = _x(3, 32, 32, n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(distributed_prune.load(path.parent.parent)(x), small(x), rtol=0, atol=0)
