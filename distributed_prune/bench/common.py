@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import flops, models, prune
-from ..cli import parse_input_size
+from ..cmdline import parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
 from ..train.loop import train_epoch
@@ -85,8 +85,7 @@ def is_imagenet_model(name: str) -> bool:
     models (CIFAR ResNets, VGG19_C, ...) are CIFAR-shaped."""
     from ..models.tv import torchvision_classifiers
 
-    models.list_models(include_torchvision=False)
-    return name not in models._REGISTRY and name in torchvision_classifiers()
+    return name not in models.MODELS and name in torchvision_classifiers()
 
 
 def defaults(model: str, device: torch.device) -> dict:

@@ -33,6 +33,7 @@ import argparse
 
 import torch
 
+from ..cmdline import ArgumentParser
 from ..errors import UserError
 from . import common
 
@@ -41,13 +42,8 @@ ROUND_TO_RATIOS = ("[0,0.6,0.6,0.6,0.21,0]", "[0,0.74,0.74,0.6,0.21,0]", "[0,0.6
 ROUND_TOS = (None, 8, 16, 32)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dprune bench speedup", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="dprune bench speedup", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model name (resnet50 with --round-to-table)")
     p.add_argument("--ratios", default=None, help="ratio spec; with --round-to-table, specs separated by ';'")
     p.add_argument("--criterion", default="l1")

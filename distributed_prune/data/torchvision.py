@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import os
 
-from distributed_prune.data import DataInfo, check_num_classes, register_dataset, spatial_size
-from distributed_prune.errors import UserError
+from ..errors import UserError
+from .base import DataInfo, check_num_classes, register_dataset, spatial_size
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

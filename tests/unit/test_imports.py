@@ -40,6 +40,7 @@ PIPELINE = "distributed_prune.pipeline"
 #: public name; any other private import fails ``test_no_private_names_across_modules``.
 KNOWN_PRIVATE = {
     ("distributed_prune.kernels.modules", "distributed_prune.kernels.dispatch", "_masked_conv2d"),
+    ("distributed_prune.bench.kernels", "distributed_prune.kernels.dispatch", "_masked_conv2d"),
     ("distributed_prune.kernels.dispatch", "distributed_prune.kernels.reference",
      "_check_norm_args"),
     ("distributed_prune.kernels.triton.aot_check", "distributed_prune.kernels.triton.filter_norms",
@@ -50,6 +51,8 @@ KNOWN_PRIVATE = {
      "_wgrad_kernel"),
     ("distributed_prune.kernels.triton.aot_check", "distributed_prune.kernels.triton.masked_conv",
      "_dgrad_kernel"),
+    ("distributed_prune.kernels.triton.aot_check", "distributed_prune.kernels.triton.masked_conv",
+     "_Conf"),
     ("distributed_prune.prune.plan", "distributed_prune.prune.groups", "_out_channels"),
     ("distributed_prune.quickstart", "distributed_prune.config", "_set"),
 }
