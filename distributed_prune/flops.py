@@ -29,16 +29,3 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
     return {"macs": int(counter.get_total_flops() // 2),
             "params": int(sum(p.numel() for p in model.parameters()))}
 
-
-def per_layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """MACs of every conv/linear module (by module name) for one sample."""
-    counter = _forward_flops(model, example_input[:1])
-    flops = counter.get_flop_counts()
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            # the counter keys modules by their dotted path below the root's class name
-            for key, ops in flops.items():
-                if key.split(".", 1)[-1] == name and key != "Global":
-                    out[name] = int(sum(ops.values()) // 2)
-    return out

@@ -33,6 +33,7 @@ import argparse
 
 import torch
 
+from .. import dtypes
 from ..cmdline import ArgumentParser
 from ..errors import UserError
 from . import common
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="default: 256 on GPU, 8 on CPU")
     p.add_argument("--input-size", default=None, help="C,H,W (default: 224 on GPU, 64 on CPU; CIFAR nets 32)")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--dtype", choices=list(common.DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=list(dtypes.DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for GPU, off for CPU")
     p.add_argument("--compile", action="store_true")
@@ -99,7 +100,7 @@ def make_fns(model, s: dict) -> dict:
     infer = common.inference_fn(model, device=dev, batch=s["batch"], input_size=s["input_size"],
                                 dtype=s["dtype"], channels_last=s["channels_last"], compile=s["compile"])
     setup = common.TrainSetup(model, device=dev, batch=s["batch"], input_size=s["input_size"],
-                              num_classes=s["num_classes"], amp=common.AMP[s["dtype"]],
+                              num_classes=s["num_classes"], amp=dtypes.amp_mode(s["dtype"]),
                               channels_last=s["channels_last"], compile=s["compile"])
     return {"infer": infer, "train": lambda: setup.run(1)}
 
