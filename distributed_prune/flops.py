@@ -1,6 +1,6 @@
 """MACs and parameter counts through ``torch.utils.flop_counter`` (no hand formulas).
 
-Convention (PAPER.md section 5): multiply-adds of conv and linear layers (the flop counter's
+Convention (docs/science.md section 5): multiply-adds of conv and linear layers (the flop counter's
 matmul/conv flops / 2); BN, activations, pooling and residual additions are not counted.
 """
 from __future__ import annotations

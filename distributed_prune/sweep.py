@@ -1,6 +1,6 @@
 """Sweeps: expand a grid of config overrides into runs and launch them.
 
-    dprune sweep configs/paper/resnet56_cifar10.yaml \\
+    dprune sweep configs/paper/resnet56_cifar10_l1_step0.01.yaml \\
         --grid "prune.ratios=[0,0.3,0.3,0.3,0],[0,0.7,0.7,0.7,0]" \\
         --grid "retrain.lr_schedule=0:0.01,60:0.001,90:0.0001|0:0.001,80:0.0001" \\
         --seeds 3 --launcher torchrun --nproc 4 --out runs/r56

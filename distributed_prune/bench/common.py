@@ -35,7 +35,7 @@ from ..train.loop import train_epoch
 from ..train.optim import build_optimizer
 from ..train.schedules import EpochIterLR
 
-RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (PAPER.md section 5)
+RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (docs/science.md section 5)
 
 
 # --------------------------------------------------------------------------- arguments

@@ -2,7 +2,7 @@
 
     dprune bench kernels [--device cuda|cpu] [--dtype bf16] [--batch 64] [--reps N]
                          [--out FILE.json] [--write-tuning [FILE]]
-    python -m distributed_prune.bench.kernels --device cpu --out /tmp/kernels.json
+    python -m distributed_prune.bench.kernels --device cpu --out kernels.json
 
 Measures, in one run and against baselines timed in the same run:
 

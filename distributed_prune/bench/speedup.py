@@ -39,7 +39,7 @@ from ..errors import UserError
 from . import common
 
 ROUND_TO_RATIOS = ("[0,0.6,0.6,0.6,0.21,0]", "[0,0.74,0.74,0.6,0.21,0]", "[0,0.68,0.68,0.68,0.5,0]",
-                   "[0,0.3,0.3,0.3,0.14,0]")   # ResNet-50, PAPER.md section 5: 2.31x 2.56x 3.06x 1.49x
+                   "[0,0.3,0.3,0.3,0.14,0]")   # ResNet-50, docs/science.md section 5: 2.31x 2.56x 3.06x 1.49x
 ROUND_TOS = (None, 8, 16, 32)
 
 

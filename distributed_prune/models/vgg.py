@@ -1,6 +1,6 @@
 """VGG19 CIFAR variant ("vgg19_c"): 16 convs with BN, global average pooling, one linear layer.
 
-Widths ``[64,64,M,128,128,M,256x4,M,512x4,M,512x4]`` (PAPER.md section 5). A ``width`` multiplier
+Widths ``[64,64,M,128,128,M,256x4,M,512x4,M,512x4]`` (docs/science.md section 5). A ``width`` multiplier
 makes small variants for tests (``vgg_tiny``).
 """
 import torch.nn as nn

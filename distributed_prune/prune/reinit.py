@@ -1,6 +1,6 @@
 """Re-initialisation of a pruned model before retraining: ``none``, ``orthp``, ``scratch``.
 
-PAPER.md section 3: pruning damages dynamical isometry; OrthP restores it for linear networks by
+docs/science.md section 3: pruning damages dynamical isometry; OrthP restores it for linear networks by
 replacing every weight with the nearest-in-spirit orthogonal matrix.  ``scratch`` re-initialises the
 pruned (already small, dense) architecture for Scratch-E / Scratch-B baselines.
 

@@ -20,7 +20,7 @@ Grammar accepted by :func:`parse_schedule` (whitespace is ignored)::
 Epochs are 0-based.  ``Schedule.text`` is the canonical form; schedules compare equal when
 their canonical forms are equal, so ``multistep:0.1:0.1:30`` == ``0:0.1,30:0.01``.
 
-PxFy (PAPER.md section 4): prune at epoch x of ONE overall schedule S over T epochs, then
+PxFy (docs/science.md section 4): prune at epoch x of ONE overall schedule S over T epochs, then
 retrain with ``S.offset(x)`` for T - x epochs; ``S.offset(x).lr_at(e, total_epochs=T - x)``
 equals ``S.lr_at(x + e, total_epochs=T)``.
 
