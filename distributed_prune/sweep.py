@@ -25,7 +25,6 @@ lines are written to ``<out>/runs.txt`` (one shell-quoted line per run).  Launch
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -193,7 +192,8 @@ def cli_sweep(args) -> int:
         if args.nproc > 1:
             print(f"note: --launcher local runs in this process; use --launcher torchrun for "
                   f"--nproc {args.nproc}")
-        run_from_cli = importlib.import_module("distributed_prune.pipeline").run_from_cli
+        from .pipeline import run_from_cli
+
         failed = []
         for i, ((name, _, line), complete) in enumerate(zip(runs, done), 1):
             if complete:
