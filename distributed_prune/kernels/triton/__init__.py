@@ -1,8 +1,9 @@
 """Triton kernels, one file per op (private ``@triton.jit`` kernel, launcher, autograd.Function).
 
-Imported only when the dispatcher picks Triton, so that ``TRITON_INTERPRET`` set before the
-first kernel call (e.g. in a test conftest) still takes effect. This file imports nothing, so the
-dispatcher can ask :func:`interpreter_enabled` without loading Triton.
+The op modules are imported only when the dispatcher picks Triton, so that ``TRITON_INTERPRET``
+set before the first kernel call (e.g. in a test conftest) still takes effect. This file imports
+neither triton nor the op modules: the dispatcher and the op modules both ask it
+:func:`interpreter_enabled`, without an import cycle.
 """
 import os
 
