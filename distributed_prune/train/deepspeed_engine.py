@@ -131,7 +131,7 @@ def resolve_config(raw: dict | None, *, micro_batch: int, grad_accum: int, world
         raise UserError(f"{source}: zero_optimization.overlap_comm=true needs stage 2 here "
                         "(managed_gradient_accumulation=false)")
     # precision: one setting (train.amp); the JSON may state it, never contradict it
-    want_prec = amp  # "none" enables neither section
+    want_prec = None if amp == "none" else amp
     for key in ("bf16", "fp16"):
         sect = cfg.get(key)
         enabled = sect.get("enabled", "auto") if isinstance(sect, dict) else "auto"
@@ -373,11 +373,12 @@ def _state_keys(base):
     return [], {}
 
 
-def init_distributed(backend: str, timeout):
-    """``deepspeed.init_distributed`` on the torch.distributed group that
-    :func:`distributed_prune.dist.init` made (DeepSpeed adopts an existing group). On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory
-    all-reduce op (about a minute on 2 cores) that only its inference all-reduce uses; training
-    uses torch.distributed (gloo), so the build is skipped unless ``DPRUNE_DS_SHM=1``."""
+def _init_comm(backend: str):
+    """``deepspeed.init_distributed``: DeepSpeed's communication layer adopts the torch.distributed
+    group that :func:`distributed_prune.dist.init` (or :func:`_ensure_process_group`) made. On
+    CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op (about a
+    minute on 2 cores) that only its inference all-reduce uses; training uses torch.distributed
+    (gloo), so the build is skipped unless ``DPRUNE_DS_SHM=1``."""
     _quiet()
     if deepspeed.get_accelerator().device_name() == "cpu" and os.environ.get("DPRUNE_DS_SHM") != "1":
         import importlib
@@ -386,8 +387,7 @@ def init_distributed(backend: str, timeout):
         ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
         if hasattr(ds_torch_comm, "build_shm_op"):
             ds_torch_comm.build_shm_op = lambda: None
-    kw = {"timeout": timeout} if timeout is not None else {}
-    deepspeed.init_distributed(dist_backend=backend, **kw)
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def _ensure_process_group(device: torch.device):
@@ -400,4 +400,4 @@ def _ensure_process_group(device: torch.device):
     import deepspeed.comm as ds_comm
 
     if not ds_comm.is_initialized():
-        init_distributed(tdist.get_backend(), None)
+        _init_comm(tdist.get_backend())
