@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import distributed_prune
-
-PACKAGE_DIR = Path(distributed_prune.__file__).parent
+PACKAGE_DIR = Path(__file__).resolve().parents[2] / "distributed_prune"
 
 #: Bottom to top. A module may import its own layer and the layers below it, never one above.
 #: A module's layer is that of its top-level name (``prune.plan`` is in ``prune``'s layer).
