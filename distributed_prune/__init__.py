@@ -20,9 +20,7 @@ def load(path, device="cpu"):
 
     The architecture is rebuilt from the run's config and replayed from its plan, the weights
     are loaded with ``torch.load(weights_only=True)`` (see :mod:`distributed_prune.export`)."""
-    from .export import load as _load
-
-    return _load(path, device=device)
+    return importlib.import_module(f"{__name__}.export").load(path, device=device)
 
 
 def __getattr__(name):
