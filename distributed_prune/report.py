@@ -1,5 +1,8 @@
 """Reports over run directories: tables (mean +- std over seeds), comparison setup, plots.
 
+(Over 400 lines on purpose: tables, setup check, cross-validation, plots and Markdown all read
+the same loaded runs; each part is short.)
+
     dprune report RUN_DIR... [--out FILE] [--json] [--plot PNG]
 
 A RUN_DIR is an ``output.dir`` of ``dprune run`` (``summary.json``, ``metrics.jsonl``, ...);
@@ -17,11 +20,10 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import setups
+from . import fileio, rundir, setups
 from .errors import UserError
 
 __all__ = ["load_runs", "table", "paper_table", "cross_validate", "scratch_rows", "setup_line", "to_markdown",
@@ -53,22 +55,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl as a list; a torn last line (a run still writing) is dropped."""
-    if not path.is_file():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    out = []
-    for i, ln in enumerate(lines):
-        try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
-    return out
-
-
 def _run_dirs(d: Path) -> list[Path]:
     if (d / "summary.json").is_file():
         return [d]
@@ -90,11 +76,11 @@ def load_runs(dirs: Iterable[str | os.PathLike]) -> list[dict]:
     for d in dirs:
         for rd in _run_dirs(Path(d)):
             summary = _read_json(rd / "summary.json")
-            if summary.get("status", "complete") != "complete":
+            if not rundir.summary_is_complete(summary):
                 log.warning("skipping incomplete run %s (status %s)", rd, summary.get("status"))
                 continue
             summary["dir"] = str(rd)
-            summary["metrics"] = _read_metrics(rd / "metrics.jsonl")
+            summary["metrics"] = rundir.read_metrics(rd, strict=True)
             runs.append(summary)
     return runs
 
@@ -350,18 +336,8 @@ def to_markdown(runs: list[dict], result: setups.SetupResult | None = None,
 # -------------------------------------------------------------------------------------- files
 
 def _atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write via a temp file in the same directory and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Never a half-written file (see :mod:`distributed_prune.fileio`)."""
+    return fileio.write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
