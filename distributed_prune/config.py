@@ -37,7 +37,7 @@ def _check_ratios(v):
 class OutputCfg(_Section):
     dir: str = "runs/default"
     keep_checkpoints: int = Field(2, ge=1)   # per stage; older epoch checkpoints are deleted
-    verbose: bool = True                     # print one line per trained epoch (dprune run)
+    verbose: bool = True                     # per-epoch / pruned / done lines on stdout
 
 
 class ModelCfg(_Section):

@@ -32,7 +32,7 @@ from .eval import evaluate
 from .prune.decide import compose_plans, decide, step_ratios, taylor_grads
 from .prune.methods import Method, Phase, method, targets
 from .prune.reinit import reinit
-from .report import write_run_report
+from .run_report import write_run_report
 from .rundir import Point, RunDir, Stage
 from .setups import scratch_budgets
 from .train.budget import retrain_trainability_accuracy, total_train_macs
@@ -67,18 +67,18 @@ def _run(cfg, ctx, epoch_hooks=()) -> dict:
     setup_backends(ctx.device, seed=cfg.seed, cudnn_benchmark=cfg.train.cudnn_benchmark,
                    deterministic=cfg.train.deterministic)
     micro = micro_batch(cfg.data.batch_size, ctx.world_size, cfg.train.grad_accum)
-    data = build_data(cfg, ctx, micro)     # data: bad paths fail here, before any directory exists
-    model = build_model(cfg, data.info)    # models
-    _check_inputs(cfg, ctx, model, data)   # prune: a ratio spec that does not fit fails now
-    rd = _open_run_dir(cfg)                # run directory: create, or reopen with the same config
+    data = build_data(cfg, ctx, micro)       # data: bad paths fail here, before any directory exists
+    model = build_model(cfg, data.info)      # models
+    _check_inputs(cfg, ctx, model, data)     # prune: a ratio spec that does not fit fails now
+    rd = _open_run_dir(cfg)                  # run directory: create, or reopen with the same config
     if rd.complete:
         return _already_complete(rd)
     stages = Stages(cfg, ctx, rd, data, micro, epoch_hooks)
-    model, at = stages.resume(model)       # run directory: the newest readable checkpoint
-    model, at = stages.pretrain(model, at)  # train (or load pretrain.checkpoint); evaluate dense
-    model, at = stages.prune(model, at)    # prune: plan, [method's phase], surgery, reinit
-    model = stages.retrain(model, at)      # train: engine built after surgery
-    return stages.finish(model)            # run directory + report: summary.json, report.md
+    model, at = stages.resume(model)         # run directory: the newest readable checkpoint
+    model, at = stages.pretrain(model, at)   # train (or load pretrain.checkpoint); evaluate dense
+    model, at = stages.prune(model, at)      # prune: plan, [method's phase], surgery, reinit
+    model = stages.retrain(model, at)        # train: engine built after surgery
+    return stages.finish(model)              # run directory + report: summary.json, report.md
 
 
 def build_data(cfg, ctx, micro: int) -> RunData:

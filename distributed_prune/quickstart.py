@@ -20,6 +20,8 @@ import torch
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import fileio, prune, rundir
+from .pipeline import build_data, build_model, run
+from .trainability import jsv
 
 # The embedded default; configs/quickstart.yaml holds the same values (a test keeps them equal).
 DEFAULT = {
@@ -45,9 +47,6 @@ def _cfg(base: dict, **dotted) -> config_mod.Config:
 
 
 def run_quickstart(out: str | os.PathLike, *, fast: bool = False, base: dict | None = None) -> dict:
-    from .pipeline import build_data, build_model, run
-    from .trainability import jsv
-
     out = Path(out)
     base = copy.deepcopy(base or DEFAULT)
     if fast:  # smoke-test size: same shape, fewer epochs

@@ -251,7 +251,8 @@ def open_run_dir(path: str | os.PathLike, *, config: dict, config_text: str, sav
     saved = rd.path / "config.yaml"
     if saved.is_file():
         if resume is False:
-            raise UserError(f"output.dir {rd.path} already holds a run; pass resume=true or choose another dir")
+            raise UserError(f"output.dir {rd.path} already holds a run; pass resume=true or choose "
+                            "another dir")
         old = dict(saved_config(saved.read_text()) or {})
         new = dict(config)
         old.pop("resume", None)
