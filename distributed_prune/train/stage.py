@@ -68,6 +68,9 @@ class EpochEnd:
     training_state: Callable[[], dict] = field(repr=False)
     """engine / LR-driver / RNG state for a checkpoint. A collective under DeepSpeed ZeRO (it
     gathers the partitioned optimizer state): call it on every rank or on none."""
+    stop: bool = False
+    """Set by a hook to end the stage after this epoch (e.g. an end condition of a
+    regularization phase); every rank must decide the same."""
 
 
 EpochHook = Callable[[EpochEnd], None]
@@ -126,6 +129,8 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: int, sch
         end = EpochEnd(stage, epoch, epochs, row, eng.module, training_state)
         for hook in hooks:
             hook(end)
+        if end.stop:
+            break
     model = eng.finish()  # the plain module (DeepSpeed: fp32 master weights, hooks removed)
     del eng
     return model
