@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import dist, flops, models, prune, rundir
 from .data.loaders import RunData, build_run_data, first_samples
+from .dtypes import amp_dtype
 from .errors import UserError
 from .eval import evaluate
 from .prune.decide import compose_plans, decide, step_ratios, taylor_grads
@@ -36,7 +37,6 @@ from .run_report import write_run_report
 from .rundir import Point, RunDir, Stage
 from .setups import scratch_budgets
 from .train.budget import retrain_trainability_accuracy, total_train_macs
-from .train.engine import amp_dtype
 from .train.schedules import parse_schedule
 from .train.stage import (EngineSettings, EpochEnd, EpochHook, OptimSettings, micro_batch,
                           setup_backends, train_epochs)

@@ -2,7 +2,7 @@
 
 On scikit-learn's bundled digits (1,797 real 8x8 images) it trains MLP-7-Linear, tabulates the
 mean Jacobian singular value (JSV) against the L1 pruning ratio, then prunes at 0.8 and retrains
-with LR 0.01, LR 0.001 and LR 0.01 + OrthP, logging accuracy and JSV every epoch (PAPER.md
+with LR 0.01, LR 0.001 and LR 0.01 + OrthP, logging accuracy and JSV every epoch (docs/science.md
 section 8). Everything goes through the same pipeline as ``dprune run`` (each arm is a run
 directory with its own summary.json), and ``report.md`` says whether the paper's findings held.
 
@@ -200,8 +200,9 @@ def _markdown(result: dict) -> str:
     lines += ["", "![accuracy and JSV per epoch](retrain_by_epoch.png)", "",
               "## Did the paper's findings hold here?", ""]
     lines += [f"- {'HELD' if f['held'] else 'NOT HELD'}: {f['claim']}" for f in result["findings"]]
-    lines += ["", "PAPER.md section 8 expects JSV 8.47 dense -> 0.11 at 0.7 and 0.001 at 0.9; at 0.8, "
-              "LR 0.01 -> 0.87 top-1 vs 0.51 for LR 0.001. Exact figures depend on the schedule and seed.",
+    lines += ["", "docs/science.md section 8 expects JSV 8.47 dense -> 0.11 at 0.7 and 0.001 at 0.9; "
+              "at 0.8, LR 0.01 -> 0.87 top-1 vs 0.51 for LR 0.001. Exact figures depend on the "
+              "schedule and seed.",
               "", "Compare the arms with `dprune report " + " ".join(r["dir"] for r in result["runs"]) +
               "`: they share the base model and retraining epochs but not the LR schedule, so the "
               "comparison is S3.1 (not fair in the paper's sense: the LR, not the method, differs).", ""]

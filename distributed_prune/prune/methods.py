@@ -91,6 +91,9 @@ def method(name: str) -> Method:
         raise UserError(f"prune.method: unknown method {name!r} (one of {', '.join(METHODS)})") from None
 
 
+_BN = nn.modules.batchnorm._BatchNorm
+
+
 def targets(plan: Plan, model: nn.Module) -> list[Target]:
     """Regularization targets (root layer, pruned filters, its BatchNorm) from a plan."""
     out = []
@@ -99,6 +102,6 @@ def targets(plan: Plan, model: nn.Module) -> list[Target]:
         if not pruned:
             continue
         bn = next((m.split(":")[0] for m in g.members if m.endswith(":out")
-                   and isinstance(model.get_submodule(m.split(":")[0]), nn.modules.batchnorm._BatchNorm)), None)
+                   and isinstance(model.get_submodule(m.split(":")[0]), _BN)), None)
         out.append(Target(g.root, pruned, bn))
     return out
