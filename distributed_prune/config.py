@@ -37,6 +37,10 @@ def _check_ratios(v):
 class OutputCfg(_Section):
     dir: str = "runs/default"
     keep_checkpoints: int = Field(2, ge=1)   # per stage; older epoch checkpoints are deleted
+    verbose: bool = True                     # per-epoch / pruned / done lines on stdout
+    # per-epoch scalars (every metrics.jsonl value) and the config in <dir>/tensorboard, from
+    # rank 0; needs the tensorboard extra (pip install 'distributed_prune[tensorboard]')
+    tensorboard: bool = False
 
 
 class ModelCfg(_Section):
@@ -127,6 +131,8 @@ class RegCfg(_Section):
 
 
 class PruneCfg(_Section):
+    # the rows of prune.methods.METHODS (spelled out so loading a config needs no torch;
+    # tests/unit/test_methods.py keeps the two equal)
     method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "none"] = "l1"
     ratios: str = "0"
     pick: Literal["smallest", "largest", "random"] = "smallest"

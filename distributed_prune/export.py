@@ -58,13 +58,12 @@ def checkpoint_of(path) -> Path:
 
 
 def _build(mcfg, input_shape, num_classes):
-    kw = models.input_kwargs(mcfg.name, input_shape, mcfg.kwargs)
     if mcfg.weights:
         from .models.pretrained import create_architecture
 
         return create_architecture(mcfg.name, mcfg.weights, num_classes=num_classes,
-                                   new_head=mcfg.new_head, **kw)
-    return models.create(mcfg.name, num_classes=num_classes, **kw)
+                                   new_head=mcfg.new_head, **mcfg.kwargs)
+    return models.create_for_input(mcfg.name, num_classes, input_shape, **mcfg.kwargs)
 
 
 def _num_classes(mcfg, input_shape, state_dict, source):

@@ -11,6 +11,7 @@ Register a new model with::
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch.nn as nn
@@ -28,9 +29,6 @@ for _factory in (resnet20, resnet32, resnet56, resnet110, lenet5, mlp_7_linear, 
                  vgg19_c, vgg_tiny):
     MODELS.add(_factory.__name__, _factory)
 del _factory
-
-#: Old name of :data:`MODELS`, still read by pipeline.py; use MODELS.
-_REGISTRY = MODELS
 
 register = MODELS.register
 
@@ -68,22 +66,15 @@ def create(name: str, num_classes: int | None = None, *, weights: str | None = N
     raise UserError(f"model.name: unknown model {name!r} (see `dprune models` for the list)")
 
 
-def factory_params(name: str) -> set[str]:
-    """Keyword arguments the project's own factory for ``name`` takes (empty for torchvision)."""
-    import inspect
-
+def create_for_input(name: str, num_classes: int | None, input_shape, **kwargs) -> nn.Module:
+    """:func:`create` for samples of ``input_shape``: a registered factory that takes
+    ``in_features`` (1-D samples) or ``in_channels`` (C, H, W samples) gets it from the shape
+    unless ``kwargs`` sets it."""
     fn = MODELS.get(name)
-    return set(inspect.signature(fn).parameters) if fn else set()
-
-
-def input_kwargs(name: str, input_shape, kwargs: dict | None = None) -> dict:
-    """``kwargs`` plus the input width the factory needs from one sample's shape: ``in_features``
-    for a flat (F,) sample, ``in_channels`` for a (C, H, W) image (explicit kwargs win)."""
-    kw = dict(kwargs or {})
-    params = factory_params(name)
-    shape = tuple(input_shape)
-    if "in_features" in params and len(shape) == 1:
-        kw.setdefault("in_features", shape[0])
-    if "in_channels" in params and len(shape) == 3:
-        kw.setdefault("in_channels", shape[0])
-    return kw
+    params = set(inspect.signature(fn).parameters) if fn else set()
+    kw = dict(kwargs)
+    if "in_features" in params and len(input_shape) == 1:
+        kw.setdefault("in_features", input_shape[0])
+    if "in_channels" in params and len(input_shape) == 3:
+        kw.setdefault("in_channels", input_shape[0])
+    return create(name, num_classes=num_classes, **kw)

@@ -70,4 +70,5 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
     dist.all_reduce_sum(stats)
     loss_v, correct_v, count_v = stats.tolist()
     return {"train_loss": loss_v / max(count_v, 1), "train_top1": correct_v / max(count_v, 1),
+            "samples": int(count_v),
             "iterations": it}
