@@ -239,9 +239,9 @@ class Stages:
         if rd.primary:
             rd.write_text("summary.json", json.dumps(summary, indent=1))
             write_run_report(rd.path, summary, rd.metrics())
-        rd.close_tensorboard()
             if self.verbose:
                 print(f"dprune: done: final top1 {100 * final_top1:.2f}%  -> {rd.path / 'summary.json'}")
+        rd.close_tensorboard()
         dist.barrier()
         return summary
 
