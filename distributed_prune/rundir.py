@@ -7,6 +7,7 @@ re-run resumes.
     plan.json            the pruning plan
     summary.json         the result; ``"status": "complete"`` marks a finished run
     report.md            a human-readable summary
+    tensorboard/         with output.tensorboard: the metrics rows as TensorBoard scalars (:mod:`.tblog`)
 
 Only the primary rank writes. Every file is written atomically (:mod:`.fileio`); metrics rows
 are appended and flushed, and a re-run first cuts the log back to the checkpoint it resumes from,
