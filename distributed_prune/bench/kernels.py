@@ -99,7 +99,7 @@ def _available_backends(device: torch.device, wanted: list[str]) -> dict[str, st
     from distributed_prune.kernels import dispatch, native
     status = {}
     for name in wanted:
-        if name == "reference":
+        if name in ("reference", "gather"):
             status[name] = ""
         elif name == "triton":
             ok = device.type == "cuda" and dispatch.triton_usable(device) \
@@ -260,7 +260,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 100)")
     p.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)),
                    help="fractions of output channels masked (default 0.3,0.5,0.7,0.9)")
-    p.add_argument("--backends", default="reference,triton,native")
+    p.add_argument("--backends", default="reference,gather,triton,native")
     p.add_argument("--in-mask", action="store_true",
                    help="also mask the same fraction of input channels")
     p.add_argument("--max-layers", type=int, default=None,

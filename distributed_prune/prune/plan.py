@@ -97,7 +97,7 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
                  if ms is not None and {m.name for m in ms if m.dim == "out"
                                         and isinstance(m.module, PRUNABLE_TYPES)} == {n}}
     table = resolve(model, ratios, uncoupled=uncoupled, output_layer=out_layer, skip=tuple(skip))
-    groups, claimed = [], {}
+    todo, claimed = [], {}
     for name in names:
         r = table[name]
         if r <= 0 or name in claimed:
@@ -109,9 +109,12 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
                             f"{out_layer!r} (coupled channels)")
         for o in outs:
             claimed[o] = name
-        n = _out_channels(model.get_submodule(name))
+        todo.append((name, members, _out_channels(model.get_submodule(name)), r))
+    # every group scored at once: one filter_norms call and one host transfer for the model
+    all_scores = imp.score_groups(criterion, [(nm, ms, n) for nm, ms, n, _ in todo], seed)
+    groups = []
+    for (name, members, n, r), scores in zip(todo, all_scores):
         k = n_pruned(r, n, round_to)
-        scores = imp.CRITERIA[criterion](members, n, root=name, seed=seed)
         pruned = imp.select_pruned(scores, k, pick, seed=seed, root=name)
         keep = [i for i in range(n) if i not in set(pruned)]
         groups.append(GroupPlan(name, n, keep, r, [f"{m.name}:{m.dim}" for m in members]))
