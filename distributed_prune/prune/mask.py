@@ -58,6 +58,16 @@ class ChannelMasks:
                 p = getattr(mod, pname)
                 p.index_fill_(dim, idx if idx.device == p.device else idx.to(p.device), 0)
 
+    @torch.no_grad()
+    def zero_grads_(self):
+        """Zero the masked entries of gradients already computed (a mask added between
+        backward and the optimizer step must not let that step move the channel)."""
+        for mod, es in self.by_module.items():
+            for pname, dim, idx in es:
+                g = getattr(mod, pname).grad
+                if g is not None:
+                    g.index_fill_(dim, idx.to(g.device), 0)
+
     def install(self):
         for mod, es in self.by_module.items():
             self.handles.append(mod.register_forward_pre_hook(lambda m, args: self.zero_(m)))

@@ -35,7 +35,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_idx_ptr, in_idx_ptr, y_ptr,
                 SH, SW, PH, PW, DH, DW,
                 KH: tl.constexpr, KW: tl.constexpr,
                 HAS_IN_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
-                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
                 BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # Tile: BP output positions (n, oh, ow) x BN active output channels.  Reduction order:
     # (kh, kw) outer, channels inner, so the spatial address math ([BP] vectors) is done once
@@ -50,11 +50,16 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_idx_ptr, in_idx_ptr, y_ptr,
     ow = r % OW
     ih0 = oh * SH - PH
     iw0 = ow * SW - PW
-    x_row = nb.to(tl.int64) * sxn                                      # [BP]
+    # int32 offsets unless a tensor has 2^31 elements or more (IDX64): 64-bit offsets for a
+    # [BP, BK] tile double the registers of the address tensors and made the kernel spill
+    if IDX64:
+        x_row = nb.to(tl.int64) * sxn                                  # [BP]
+    else:
+        x_row = nb * sxn
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < M
     co = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0)            # original channel ids
-    w_row = offs_n.to(tl.int64) * swm                                  # [BN]
+    w_row = offs_n * swm                                               # [BN] (weights are small)
     acc = tl.zeros((BP, BN), dtype=tl.float32)
     for t in range(0, KH * KW):
         kh = t // KW
@@ -72,7 +77,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_idx_ptr, in_idx_ptr, y_ptr,
             if GROUPED:
                 # input channel = group(co) * CG + c: depends on both c and n -> [BP, BK, BN]
                 ci = (co // OG)[None, :] * CG + offs_c[:, None]          # [BK, BN]
-                a = tl.load(x_ptr + x_base[:, None, None] + ci[None, :, :].to(tl.int64) * sxc,
+                a = tl.load(x_ptr + x_base[:, None, None] + ci[None, :, :] * sxc,
                             mask=sp_ok[:, None, None] & c_ok[None, :, None] & n_ok[None, None, :],
                             other=0.0)
                 acc += tl.sum(a.to(tl.float32) * b.to(tl.float32)[None, :, :], axis=1)
@@ -81,7 +86,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_idx_ptr, in_idx_ptr, y_ptr,
                     ci = tl.load(in_idx_ptr + offs_c, mask=c_ok, other=0)
                 else:
                     ci = offs_c
-                a = tl.load(x_ptr + x_base[:, None] + ci[None, :].to(tl.int64) * sxc,
+                a = tl.load(x_ptr + x_base[:, None] + ci[None, :] * sxc,
                             mask=sp_ok[:, None] & c_ok[None, :], other=0.0)   # [BP, BK]
                 if DOT_FP32:
                     acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
@@ -90,7 +95,10 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, out_idx_ptr, in_idx_ptr, y_ptr,
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     # Scatter into the active channels of the (zero-initialised) output.
-    y_off = (nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + co[None, :].to(tl.int64) * syc
+    if IDX64:
+        y_off = (nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
+    else:
+        y_off = (nb * syn + oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & n_ok[None, :])
 
 
@@ -101,7 +109,7 @@ def _wgrad_kernel(x_ptr, g_ptr, out_idx_ptr, in_idx_ptr, dw_ptr,
                   SH, SW, PH, PW, DH, DW,
                   KH: tl.constexpr, KW: tl.constexpr,
                   HAS_IN_IDX: tl.constexpr, GROUPED: tl.constexpr, DOT_FP32: tl.constexpr,
-                  PRECISION: tl.constexpr,
+                  PRECISION: tl.constexpr, IDX64: tl.constexpr,
                   BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # dWc[n, t, c] = sum_p grad_y[p, co(n)] * x[p shifted by tap t, ci(c)].  One program owns
     # one filter tap t = (kh, kw), BK channel slots and BN filters, and loops over its slice of
@@ -119,13 +127,13 @@ def _wgrad_kernel(x_ptr, g_ptr, out_idx_ptr, in_idx_ptr, dw_ptr,
     co = tl.load(out_idx_ptr + offs_n, mask=n_ok, other=0)
     if GROUPED:
         cig = (co // OG)[None, :] * CG + offs_c[:, None]               # [BK, BN]
-        x_ch = cig.to(tl.int64) * sxc
+        x_ch = cig * sxc
     else:
         if HAS_IN_IDX:
             ci = tl.load(in_idx_ptr + offs_c, mask=c_ok, other=0)
         else:
             ci = offs_c
-        x_ch = ci.to(tl.int64) * sxc                                   # [BK]
+        x_ch = ci * sxc                                                # [BK]
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     p_begin = pid_s * P_PER_SPLIT
     p_end = tl.minimum(p_begin + P_PER_SPLIT, P)
@@ -136,13 +144,14 @@ def _wgrad_kernel(x_ptr, g_ptr, out_idx_ptr, in_idx_ptr, dw_ptr,
         r = offs_p % (OH * OW)
         oh = r // OW
         ow = r % OW
-        g = tl.load(g_ptr + (nb.to(tl.int64) * sgn + oh * sgh + ow * sgw)[:, None]
-                    + co[None, :].to(tl.int64) * sgc,
+        if IDX64:
+            nb = nb.to(tl.int64)
+        g = tl.load(g_ptr + (nb * sgn + oh * sgh + ow * sgw)[:, None] + co[None, :] * sgc,
                     mask=p_ok[:, None] & n_ok[None, :], other=0.0)     # [BP, BN]
         ih = oh * SH - PH + kh * DH                                    # [BP]
         iw = ow * SW - PW + kw * DW
         sp_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_sp = nb.to(tl.int64) * sxn + ih * sxh + iw * sxw            # [BP]
+        x_sp = nb * sxn + ih * sxh + iw * sxw                          # [BP]
         if GROUPED:
             a = tl.load(x_ptr + x_sp[:, None, None] + x_ch[None, :, :],
                         mask=sp_ok[:, None, None] & c_ok[None, :, None] & n_ok[None, None, :],
@@ -169,7 +178,7 @@ def _dgrad_kernel(g_ptr, w_ptr, out_idx_ptr, in_idx_ptr, act_ptr, dx_ptr,
                   SH, SW, PH, PW, DH, DW,
                   KH: tl.constexpr, KW: tl.constexpr,
                   HAS_IN_IDX: tl.constexpr, GROUPED: tl.constexpr, DOT_FP32: tl.constexpr,
-                  PRECISION: tl.constexpr,
+                  PRECISION: tl.constexpr, IDX64: tl.constexpr,
                   BQ: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr):
     # dx[n, ci, ih, iw] = sum_{kh, kw, m} grad_y[n, co(m), oh, ow] * Wc[m, c, kh, kw] with
     # oh = (ih + PH - kh*DH) / SH when that divides exactly and is in range (transposed conv).
@@ -184,7 +193,10 @@ def _dgrad_kernel(g_ptr, w_ptr, out_idx_ptr, in_idx_ptr, act_ptr, dx_ptr,
     r = offs_q % (H * W)
     ih = r // W
     iw = r % W
-    g_row = nb.to(tl.int64) * sgn
+    if IDX64:
+        g_row = nb.to(tl.int64) * sgn
+    else:
+        g_row = nb * sgn
     offs_c = pid_c * BC + tl.arange(0, BC)
     c_ok = offs_c < NC
     acc = tl.zeros((BQ, BC), dtype=tl.float32)
@@ -206,12 +218,12 @@ def _dgrad_kernel(g_ptr, w_ptr, out_idx_ptr, in_idx_ptr, act_ptr, dx_ptr,
                 wok = m_ok[:, None] & c_ok[None, :] & (act != 0)
                 b = tl.load(w_ptr + co * swm + (offs_c % CG)[None, :] * swc + w_tap,
                             mask=wok, other=0.0)
-                a = tl.load(g_ptr + g_base[:, None, None] + co[None, :, :].to(tl.int64) * sgc,
+                a = tl.load(g_ptr + g_base[:, None, None] + co[None, :, :] * sgc,
                             mask=v[:, None, None] & wok[None, :, :], other=0.0)
                 acc += tl.sum(a.to(tl.float32) * b.to(tl.float32)[None, :, :], axis=1)
             else:
                 co = tl.load(out_idx_ptr + offs_m, mask=m_ok, other=0)
-                a = tl.load(g_ptr + g_base[:, None] + co[None, :].to(tl.int64) * sgc,
+                a = tl.load(g_ptr + g_base[:, None] + co[None, :] * sgc,
                             mask=v[:, None] & m_ok[None, :], other=0.0)   # [BQ, BJ]
                 b = tl.load(w_ptr + (offs_m * swm + w_tap)[:, None] + offs_c[None, :] * swc,
                             mask=m_ok[:, None] & c_ok[None, :], other=0.0)  # [BJ, BC]
@@ -223,7 +235,10 @@ def _dgrad_kernel(g_ptr, w_ptr, out_idx_ptr, in_idx_ptr, act_ptr, dx_ptr,
         ci = tl.load(in_idx_ptr + offs_c, mask=c_ok, other=0)
     else:
         ci = offs_c
-    dx_off = (nb.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :].to(tl.int64) * sxc
+    if IDX64:
+        dx_off = (nb.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc
+    else:
+        dx_off = (nb * sxn + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
 
 
@@ -272,12 +287,14 @@ class _Conf:
         if self.interp:
             (bp, bn, bk), w, st = self._interp(P, M, KC)
         elif self.grouped:
-            (bp, bn, bk), w, st = (32, 16, 16), 4, 1
+            (bp, bn, bk), w, st = (16, 16, 16), 4, 1
         else:
-            bn = 64 if M > 32 else _p2(M, 16, 32)
+            # 128 x 32 output tiles on 8 warps: the largest that ptxas fits in 255 registers
+            # without spilling on sm_90 (aot_check); 64-wide N tiles spilled.
+            bn = _p2(M, 16, 32)
             bk = _p2(KC, 16, 64 if self.wide else 32)
             bp = 128 if P >= 4096 else 64
-            w, st = 4, 3
+            w, st = (8 if bp == 128 else 4), 3
         return dict(BP=bp, BN=bn, BK=bk), w, st
 
     def wgrad(self, P, M, KC):
@@ -296,13 +313,19 @@ class _Conf:
         if self.interp:
             (bq, bc, bj), w, st = self._interp(Q, NC, MJ)
         elif self.grouped:
-            (bq, bc, bj), w, st = (32, 16, 16), 4, 1
+            (bq, bc, bj), w, st = (16, 16, 16), 4, 1
         else:
             bc = _p2(NC, 16, 64)
-            bj = _p2(MJ, 16, 64 if self.wide else 32)
+            bj = _p2(MJ, 16, 32)
             bq = 128 if Q >= 4096 else 64
-            w, st = 4, 3
+            w, st = (8 if bq == 128 else 4), 3
         return dict(BQ=bq, BC=bc, BJ=bj), w, st
+
+
+def _idx64(*ts: torch.Tensor) -> bool:
+    """Whether element offsets into these tensors may exceed int32 (storage span >= 2^31)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2 ** 31 - 1
+               for t in ts)
 
 
 def _out_size(size, k, s, p, d):
@@ -370,7 +393,7 @@ class _MaskedConv2dFn(torch.autograd.Function):
                 SH, SW, PH, PW, DH, DW,
                 KH=KH, KW=KW, HAS_IN_IDX=in_idx is not None, HAS_BIAS=bc is not None,
                 GROUPED=grouped, DOT_FP32=conf.interp and x.dtype == torch.bfloat16,
-                PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages, **blocks)
+                PRECISION=_precision(x.dtype), IDX64=_idx64(x, y), num_warps=warps, num_stages=stages, **blocks)
         ctx.save_for_backward(x, wc, out_idx, in_idx, out_scale, in_scale)
         ctx.geom = (stride, padding, dilation, groups, weight.shape, bias is not None, cl)
         ctx.demote_on_error = demote_on_error
@@ -456,7 +479,7 @@ def _backward_kernels(ctx, gy, x, wc, out_idx, in_idx, need_x, need_w):
                 *gy.stride(), *w_full.stride(), *gx.stride(),
                 SH, SW, PH, PW, DH, DW,
                 KH=KH, KW=KW, HAS_IN_IDX=False, GROUPED=True,
-                DOT_FP32=dot_fp32, PRECISION=prec, num_warps=warps, num_stages=stages, **blocks)
+                DOT_FP32=dot_fp32, PRECISION=prec, IDX64=_idx64(x, gy), num_warps=warps, num_stages=stages, **blocks)
         else:
             # inactive input channels (in_mask) keep a zero gradient
             gx = (torch.zeros_like(x, memory_format=fmt) if in_idx is not None
@@ -470,7 +493,7 @@ def _backward_kernels(ctx, gy, x, wc, out_idx, in_idx, need_x, need_w):
                     *gy.stride(), *wc.stride(), *gx.stride(),
                     SH, SW, PH, PW, DH, DW,
                     KH=KH, KW=KW, HAS_IN_IDX=in_idx is not None, GROUPED=False,
-                    DOT_FP32=dot_fp32, PRECISION=prec, num_warps=warps,
+                    DOT_FP32=dot_fp32, PRECISION=prec, IDX64=_idx64(x, gy), num_warps=warps,
                     num_stages=stages, **blocks)
     if need_w:
         P = N * OH * OW
@@ -494,7 +517,7 @@ def _backward_kernels(ctx, gy, x, wc, out_idx, in_idx, need_x, need_w):
                 *x.stride(), *gy.stride(),
                 SH, SW, PH, PW, DH, DW,
                 KH=KH, KW=KW, HAS_IN_IDX=in_idx is not None, GROUPED=grouped,
-                DOT_FP32=dot_fp32, PRECISION=prec, num_warps=warps, num_stages=stages,
+                DOT_FP32=dot_fp32, PRECISION=prec, IDX64=_idx64(x, gy), num_warps=warps, num_stages=stages,
                 **blocks)
             dwc = dw.sum(0) if split > 1 else dw[0]                          # (M, K) fp32
             dwc = dwc.view(M, KH, KW, KC).permute(0, 3, 1, 2)                # (M, KC, KH, KW)
