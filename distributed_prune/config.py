@@ -106,8 +106,18 @@ class RegCfg(_Section):
     lw_opp: float = 1000.0
 
 
+class MaskedCfg(_Section):
+    """Masked phases (prune.method=gradual|soft): see distributed_prune/prune/masked.py."""
+    schedule: Literal["cubic", "linear"] = "cubic"  # gradual: ramp of the pruned count
+    update_interval: int = Field(100, ge=1)   # gradual: iterations between mask updates
+    ramp_fraction: float = Field(0.75, gt=0, le=1)  # gradual: target reached at this phase fraction
+    criterion: Literal["l1", "l2"] = "l1"     # importance recomputed at every update
+    kernel: Literal["auto", "masked_conv", "hooks"] = "auto"  # auto: masked-conv kernels on CUDA
+
+
 class PruneCfg(_Section):
-    method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "none"] = "l1"
+    method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "gradual", "soft",
+                    "none"] = "l1"
     ratios: str = "0"
     pick: Literal["smallest", "largest", "random"] = "smallest"
     round_to: Optional[int] = Field(None, ge=1)
@@ -116,9 +126,10 @@ class PruneCfg(_Section):
     taylor_batches: int = Field(4, ge=1)
     iterative_steps: int = Field(1, ge=1)     # prune/retrain cycles reaching the ratio geometrically
     iterative_epochs: int = Field(0, ge=0)    # retrain epochs between intermediate steps
-    epochs: int = Field(0, ge=0)              # regularization phase (greg/tpp), in epochs
-    lr_schedule: Optional[str] = None         # regularization phase LR (default: retrain's first LR)
+    epochs: int = Field(0, ge=0)              # greg/tpp/gradual/soft phase, in epochs
+    lr_schedule: Optional[str] = None         # that phase's LR (default: retrain's first LR)
     reg: RegCfg = RegCfg()
+    masked: MaskedCfg = MaskedCfg()
 
     _ratios = field_validator("ratios", mode="before")(classmethod(lambda cls, v: _check_ratios(v)))
 
