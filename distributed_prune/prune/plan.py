@@ -86,9 +86,7 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
     """
     if example_input is None:
         raise UserError("plan: example_input is required to trace the model")
-    if criterion not in imp.CRITERIA:
-        raise UserError(f"prune.criterion: unknown criterion {criterion!r} "
-                        f"(choose from {', '.join(sorted(imp.CRITERIA))})")
+    imp.CRITERIA.lookup(criterion)  # an unknown name fails here, before tracing
     graph = Graph(model, example_input)
     out_layer = output_layer(model, example_input)
     names = [n for n, _ in prunable_layers(model)]
