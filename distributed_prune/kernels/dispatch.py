@@ -373,7 +373,9 @@ def _masked_conv2d(x, weight, bias, out_mask, stride=1, padding=0, dilation=1, g
                 return native.masked_conv2d(*args, **idx)
             if backend == "triton":
                 from .triton import masked_conv as tmc
-                return tmc.masked_conv2d(*args, **idx, demote_on_error=auto)
+                on_error = ((lambda e: _demote("masked_conv2d", "triton", e)) if auto
+                            else None)
+                return tmc.masked_conv2d(*args, **idx, on_error=on_error)
             return reference.masked_conv2d(x, weight, bias, out_mask, stride, padding,
                                            dilation, groups, in_mask)
         except Exception as e:

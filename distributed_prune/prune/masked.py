@@ -36,7 +36,7 @@ from .. import dist
 from ..errors import UserError
 from . import importance as imp
 from .groups import Graph
-from .mask import ChannelMasks, _targets
+from .mask import ChannelMasks, mask_targets, use_masked_conv
 from .plan import GroupPlan, Plan, example_for
 from .ratios import PRUNABLE_TYPES
 
@@ -192,7 +192,7 @@ class MaskedPhase:
                 mod = model.get_submodule(name)
                 if filters_only and (dim != "out" or not isinstance(mod, PRUNABLE_TYPES)):
                     continue
-                for pname, d, ix in _targets(mod, dim, idxs, name):
+                for pname, d, ix in mask_targets(mod, dim, idxs, name):
                     masks.add(mod, pname, d, ix)
         return masks
 
@@ -307,8 +307,7 @@ def _n_out(model: nn.Module, name: str) -> int:
 
 
 def _use_kernel(model: nn.Module, kernel: str) -> bool:
-    from .mask import _use_masked_conv
-    return _use_masked_conv(model, kernel)
+    return use_masked_conv(model, kernel)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -343,7 +343,7 @@ def _active(mask: torch.Tensor) -> torch.Tensor:
 class _MaskedConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups,
-                out_index, in_index, demote_on_error=False):
+                out_index, in_index, on_error=None):
         N, C, H, W = x.shape
         O, CG, KH, KW = weight.shape
         if C != CG * groups or O % groups:
@@ -396,7 +396,7 @@ class _MaskedConv2dFn(torch.autograd.Function):
                 PRECISION=_precision(x.dtype), IDX64=_idx64(x, y), num_warps=warps, num_stages=stages, **blocks)
         ctx.save_for_backward(x, wc, out_idx, in_idx, out_scale, in_scale)
         ctx.geom = (stride, padding, dilation, groups, weight.shape, bias is not None, cl)
-        ctx.demote_on_error = demote_on_error
+        ctx.on_error = on_error
         return y
 
     @staticmethod
@@ -413,10 +413,9 @@ class _MaskedConv2dFn(torch.autograd.Function):
         try:
             gx, dwc = _backward_kernels(ctx, gy, x, wc, out_idx, in_idx, need_x, need_w)
         except Exception as e:
-            if not ctx.demote_on_error or isinstance(e, (ValueError, TypeError)):
+            if ctx.on_error is None or isinstance(e, (ValueError, TypeError)):
                 raise
-            from ..dispatch import _demote
-            _demote("masked_conv2d", "triton", e)
+            ctx.on_error(e)
             gx, dwc = _backward_fallback(ctx, gy, x, wc, out_idx, in_idx, need_x, need_w)
         if need_w:
             gw = torch.zeros(wshape, dtype=wc.dtype, device=wc.device)
@@ -556,10 +555,11 @@ def _backward_fallback(ctx, gy, x, wc, out_idx, in_idx, need_x, need_w):
 
 
 def masked_conv2d(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask=None,
-                  out_index=None, in_index=None, demote_on_error=False):
+                  out_index=None, in_index=None, on_error=None):
     """Triton backend of :func:`distributed_prune.kernels.masked_conv2d` (4-D input; stride,
-    padding, dilation as int pairs).  ``demote_on_error`` (auto mode): a backward kernel that
-    fails to compile or launch is demoted and the gradient computed with PyTorch instead."""
+    padding, dilation as int pairs).  ``on_error`` (auto mode): when a backward kernel fails to
+    compile or launch, ``on_error(exception)`` is called (the dispatcher demotes the backend)
+    and the gradient is computed with PyTorch instead; None: the error propagates."""
     return _MaskedConv2dFn.apply(x, weight, bias, out_mask, in_mask, tuple(stride),
                                  tuple(padding), tuple(dilation), int(groups), out_index, in_index,
-                                 bool(demote_on_error))
+                                 on_error)
