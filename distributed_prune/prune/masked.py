@@ -240,8 +240,11 @@ class MaskedPhase:
         self._swapped = {}
 
     def begin(self, model: nn.Module) -> None:
-        """Put the current masks on ``model`` (at the start of the phase, or after a resume)."""
-        if any(self.pruned.values()):
+        """Put the current masks on ``model`` (at the start of the phase, or after a resume).
+        Soft: nothing to put back - its zeroing is a one-time event at each update and the
+        checkpointed weights already hold what training did since (zeroing them again would
+        undo the updates the pruned filters received)."""
+        if self.kind == "gradual" and any(self.pruned.values()):
             self._apply(model)
 
     def finish(self, model: nn.Module) -> Plan:

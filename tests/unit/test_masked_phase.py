@@ -136,12 +136,14 @@ def test_soft_pruned_filters_keep_training_and_can_come_back():
     assert first[0] not in phase.pruned[root] and kept[0] in phase.pruned[root]
 
 
-def test_state_is_json_and_resume_gives_the_same_result():
+@pytest.mark.parametrize("kind", ["gradual", "soft"])
+def test_state_is_json_and_resume_gives_the_same_result(kind):
     batches = _batches(10)
 
     def fresh():
         net = _net()
-        return net, _phase(net), torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        return (net, _phase(net, kind=kind, update_interval=2 if kind == "gradual" else 3),
+                torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
 
     net_a, ph_a, opt_a = fresh()
     _train(net_a, ph_a, batches, opt_a)
