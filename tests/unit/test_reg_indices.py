@@ -1,4 +1,5 @@
 """GReg / TPP steps: index tensors built once on the device, no boolean-mask indexing."""
+import pytest
 import torch
 from torch import nn
 
@@ -57,3 +58,28 @@ def test_tpp_loss_and_gradient_equal_the_boolean_mask_formula():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_steps_do_not_synchronise_on_gpu():
+    """GReg / TPP steps with ``set_sync_debug_mode("error")``: any host synchronisation raises."""
+    model = _net().cuda()
+    tpp = TPP(model, TARGETS, update_reg_interval=1)
+    greg = GReg(model, TARGETS, update_reg_interval=1)
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    for reg in (tpp, greg):                  # first call builds the index tensors (host -> device)
+        reg.step(1)
+        model.zero_grad()
+        (model(x).square().mean() + tpp.loss(model)).backward()
+        greg.apply_(model)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for it in range(2, 4):
+            tpp.step(it)
+            greg.step(it)
+            model.zero_grad()
+            (model(x).square().mean() + tpp.loss(model)).backward()
+            greg.apply_(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
