@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from . import harness
 
 ENGINES = ("ddp", "deepspeed")
 
@@ -181,16 +181,14 @@ def measure(world: int, s: dict) -> dict:
             else:
                 os.environ["OMP_NUM_THREADS"] = env_threads
         reps = json.loads(Path(out).read_text())["step_ms_reps"]
-    step_ms = statistics.median(reps)
+    step_ms = harness.median(reps)
     return {"world_size": world, "batch_per_rank": s["batch"], "global_batch": world * s["batch"],
             "step_ms": round(step_ms, 3), "step_ms_reps": [round(t, 3) for t in reps],
             "samples_s": round(1e3 * world * s["batch"] / step_ms, 2),
-            "spread": round((max(reps) - min(reps)) / step_ms, 3) if len(reps) > 1 else 0.0}
+            "spread": round(harness.spread(reps), 3)}
 
 
 def bench(args) -> tuple[dict, str]:
-    from . import common
-
     s = _settings(args)
     one = measure(1, s)
     many = measure(args.world_size, s)
@@ -207,7 +205,7 @@ def bench(args) -> tuple[dict, str]:
     }
     rows = [[r["world_size"], r["batch_per_rank"], r["global_batch"], f"{r['step_ms']:.1f}",
              f"{r['samples_s']:.1f}", f"{r['spread']:.2f}"] for r in (one, many)]
-    table = common.md_table(["processes", "batch/rank", "global batch", "ms/step", "samples/s", "spread"], rows)
+    table = harness.md_table(["processes", "batch/rank", "global batch", "ms/step", "samples/s", "spread"], rows)
     text = (f"{s['model']}{' pruned ' + s['ratios'] if s['ratios'] else ''} on {s['device']} "
             f"({result['backend']}, engine {s['engine']}, amp {s['amp']}, input {s['input_size']}, "
             f"{s['threads']} thread(s)/process)\n\n{table}\n\n"
@@ -216,11 +214,9 @@ def bench(args) -> tuple[dict, str]:
 
 
 def main(argv=None) -> int:
-    from . import common
-
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     result, text = bench(args)
-    common.emit(result, text, as_json=args.json, out=args.out)
+    harness.emit(result, text, as_json=args.json, out=args.out)
     return 0
 
 

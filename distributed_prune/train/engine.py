@@ -31,6 +31,22 @@ def amp_dtype(amp: str):
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def resolve_static_graph(static_graph, compile: bool, grad_accum: int = 1) -> bool:
+    """``dist.static_graph``: ``auto`` turns DDP's static graph on (the reducer records the
+    gradient-ready order once instead of rediscovering it every step) for every model here,
+    since none changes its set of used parameters or its control flow between steps; TPP's loss
+    on weights outside ``forward`` is one of the cases static_graph is made for. Off where DDP
+    cannot take it: under ``torch.compile`` (dynamo's DDPOptimizer does not support it,
+    pytorch#109261) and with gradient accumulation (``no_sync`` micro-steps trip the static
+    reducer's "expect_autograd_hooks_" assertion; seen with torch 2.14 on gloo)."""
+    if static_graph == "auto":
+        return not compile and grad_accum == 1
+    if static_graph and grad_accum > 1:
+        raise UserError("dist.static_graph=true cannot be combined with train.grad_accum > 1 (DDP's "
+                        "no_sync micro-steps break the static graph); use dist.static_graph=auto")
+    return bool(static_graph)
+
+
 @register_engine("ddp")
 class DDPEngine:
     """Plain PyTorch: DDP when the world is larger than one, the bare module otherwise.
@@ -39,7 +55,7 @@ class DDPEngine:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device, amp="none",
-                 sync_bn=False, bucket_cap_mb=25, static_graph=False, compile=False, grad_accum=1,
+                 sync_bn=False, bucket_cap_mb=25, static_graph="auto", compile=False, grad_accum=1,
                  **_):
         self.module = model
         self.optimizer = optimizer
@@ -52,7 +68,9 @@ class DDPEngine:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             self.module = model
         wrapped = model
+        self.static_graph = None   # only meaningful with a DDP wrapper
         if dist.get_world_size() > 1:
+            static_graph = self.static_graph = resolve_static_graph(static_graph, compile, grad_accum)
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 bucket_cap_mb=bucket_cap_mb, static_graph=static_graph,
