@@ -6,7 +6,7 @@
     dprune report RUN_DIR... [--out FILE] [--json]
     dprune sweep CONFIG --grid key=v1,v2 [--seeds N] [--launcher local|torchrun|slurm]
     dprune config show CONFIG [key=value ...]
-    dprune bench {kernels,train,loader,speedup} ...
+    dprune bench {kernels,train,loader,speedup,gpu} ...
     dprune data write-beton --dataset NAME --out FILE
     dprune models
 
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-BENCHES = ("kernels", "train", "loader", "speedup")
+BENCHES = ("kernels", "train", "loader", "speedup", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:

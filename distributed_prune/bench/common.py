@@ -189,7 +189,7 @@ class TrainSetup:
     def __init__(self, model: nn.Module, *, device, batch: int, input_size, num_classes: int,
                  amp: str = "none", channels_last: bool = False, compile: bool = False,
                  fused: bool | None = None, host_batch: bool = False, cudnn_benchmark: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, ddp: bool | None = None):
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.cudnn_benchmark = cudnn_benchmark
@@ -198,7 +198,7 @@ class TrainSetup:
             net = net.to(memory_format=torch.channels_last)
         opt = build_optimizer(net, name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, fused=fused,
                               foreach=None if fused is None else not fused)
-        self.engine = build_engine("ddp", net, opt, device=self.device, amp=amp, compile=compile)
+        self.engine = build_engine("ddp", net, opt, device=self.device, amp=amp, compile=compile, ddp=ddp)
         self.lr_driver = EpochIterLR(self.engine, "0:0.01", 1, 1)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, *input_size, generator=g)
@@ -212,11 +212,13 @@ class TrainSetup:
                 x = x.contiguous(memory_format=torch.channels_last)
         self.batch = (x, y)
 
-    def run(self, steps: int = 1) -> dict:
+    def run(self, steps: int = 1, **loop) -> dict:
+        """``steps`` training steps; ``loop``: further ``train_epoch`` arguments (a regularizer's
+        ``extra_loss`` / ``grad_hook``)."""
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
         return train_epoch(self.engine, [self.batch] * steps, epoch=0, lr_driver=self.lr_driver,
-                           channels_last=self.channels_last)
+                           channels_last=self.channels_last, **loop)
 
     def resident_bytes(self) -> int:
         """Bytes of what stays allocated between steps: weights, buffers, optimizer state, the

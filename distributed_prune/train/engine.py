@@ -56,7 +56,7 @@ class DDPEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device, amp="none",
                  sync_bn=False, bucket_cap_mb=25, static_graph="auto", compile=False, grad_accum=1,
-                 **_):
+                 ddp: bool | None = None, **_):
         self.module = model
         self.optimizer = optimizer
         self.device = torch.device(device)
@@ -69,7 +69,9 @@ class DDPEngine:
             self.module = model
         wrapped = model
         self.static_graph = None   # only meaningful with a DDP wrapper
-        if dist.get_world_size() > 1:
+        # ddp=None: wrap when the world has several processes; True forces the wrapper (a
+        # one-process group, as `dprune bench gpu` uses to run a real NCCL DDP step)
+        if dist.get_world_size() > 1 if ddp is None else ddp:
             static_graph = self.static_graph = resolve_static_graph(static_graph, compile, grad_accum)
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,

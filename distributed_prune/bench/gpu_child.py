@@ -1,0 +1,46 @@
+"""One step of ``dprune bench gpu`` in its own process (started by :func:`.gpu.run_step`):
+
+    python -m distributed_prune.bench.gpu_child MODULE:FUNCTION RESULT.json SETTINGS_JSON
+
+calls ``FUNCTION(settings)`` and writes its dict, with ``status`` ok / skipped / failed and the
+result header (device, date, commit), to RESULT.json. Kept apart from the steps so that a step
+module that fails to import is reported like any other failure.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import traceback
+
+from . import harness
+
+
+class Skipped(Exception):
+    """A step (or part of one) that cannot run here; the message says why."""
+
+
+def main(argv: list[str]) -> int:
+    target, result_file, settings = argv
+    settings = json.loads(settings)
+    res: dict = {}
+    rc = 0
+    try:
+        res["header"] = harness.env_info(settings["device"])
+        module, _, name = target.partition(":")
+        out = getattr(importlib.import_module(module), name)(settings)
+        res.update(out or {})
+        res["status"] = "ok"
+    except Skipped as e:
+        res.update(status="skipped", why=str(e))
+    except Exception as e:  # noqa: BLE001  (any failure of a step is reported, never raised)
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        res.update(status="failed", why=f"{type(e).__name__}: {first}")
+        rc = 1
+    harness.write_json(result_file, res)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
