@@ -149,7 +149,7 @@ def run_step(step: Step, *, out: Path, limit: float, settings: dict) -> dict:
     return res
 
 
-def run_steps(steps, *, out: Path, budget: float, settings: dict) -> list[dict]:
+def run_steps(steps, *, out: Path, budget: float, settings: dict, floor: float = STEP_FLOOR_S) -> list[dict]:
     """Every step in order, each limited to its weight's share of the budget left (time a step
     does not use goes to the later ones); a step that fails, hangs or is skipped never stops
     the ones after it."""
@@ -162,7 +162,7 @@ def run_steps(steps, *, out: Path, budget: float, settings: dict) -> list[dict]:
                    "wall_s": 0.0, "limit_s": 0.0}
         else:
             # a floor, so that a step is never given less than its process start-up needs
-            share = max(left * st.weight / sum(s.weight for s in steps[i:]), min(left, STEP_FLOOR_S))
+            share = max(left * st.weight / sum(s.weight for s in steps[i:]), min(left, floor))
             res = run_step(st, out=out, limit=share, settings=settings)
         results.append(res)
         write_step(out, res, header=results[0].get("header"))

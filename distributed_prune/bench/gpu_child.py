@@ -23,6 +23,9 @@ class Skipped(Exception):
 def main(argv: list[str]) -> int:
     target, result_file, settings = argv
     settings = json.loads(settings)
+    # run as __main__, this file is a second module object: the steps raise the Skipped of the
+    # importable one
+    skipped = importlib.import_module("distributed_prune.bench.gpu_child").Skipped
     res: dict = {}
     rc = 0
     try:
@@ -31,7 +34,7 @@ def main(argv: list[str]) -> int:
         out = getattr(importlib.import_module(module), name)(settings)
         res.update(out or {})
         res["status"] = "ok"
-    except Skipped as e:
+    except skipped as e:
         res.update(status="skipped", why=str(e))
     except Exception as e:  # noqa: BLE001  (any failure of a step is reported, never raised)
         traceback.print_exc()
