@@ -141,24 +141,6 @@ class PxFyCfg(_Section):
         return None if v is None else _check_schedule(v)
 
 
-def fast_path(device: str = "auto") -> dict:
-    """What ``train.amp`` / ``train.channels_last`` = ``auto`` resolve to for ``train.device``:
-    bf16 autocast + channels_last on a CUDA device with native bf16 (compute capability >= 8.0:
-    Ampere, Hopper, ...; the tensor-core path), else fp32 NCHW (CPU, or an older GPU, where fp16
-    would need loss scaling the user should choose deliberately)."""
-    if device == "cpu":
-        return {"amp": "none", "channels_last": False}
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"amp": "none", "channels_last": False}
-    if torch.version.hip is not None:  # ROCm reports no CUDA capability; torch knows its bf16 support
-        bf16 = torch.cuda.is_bf16_supported()
-    else:
-        bf16 = torch.cuda.get_device_capability() >= (8, 0)
-    return {"amp": "bf16", "channels_last": True} if bf16 else {"amp": "none", "channels_last": False}
-
-
 def _deepspeed_precision(path) -> str | None:
     """The precision a DeepSpeed JSON enables (bf16 / fp16 / none), None when unreadable (the
     engine then reports the file)."""
@@ -178,7 +160,7 @@ def _deepspeed_precision(path) -> str | None:
 
 class TrainCfg(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # "auto" (default): see fast_path. Resolved while the config validates, so the resolved
+    # "auto" (default): see train.engine.fast_path. Resolved while the config validates, so the resolved
     # config (config.yaml of a run, `dprune config show`) records what actually runs.
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: Union[bool, Literal["auto"]] = "auto"
@@ -192,6 +174,8 @@ class TrainCfg(_Section):
     @classmethod
     def _resolve_auto(cls, data):
         if isinstance(data, dict) and "auto" in (data.get("amp", "auto"), data.get("channels_last", "auto")):
+            from .train.engine import fast_path
+
             fast = fast_path(data.get("device", "auto"))
             data = {**data, **{k: fast[k] for k in ("amp", "channels_last") if data.get(k, "auto") == "auto"}}
         return data

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .. import flops, models, prune
+from .. import flops, models
 from ..cli import parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
@@ -132,6 +132,8 @@ def pruned_pair(model, ratios, num_classes: int | None = None, input_size=(3, 32
     round_to)`` and the pruned model ``prune.apply(deepcopy(dense), plan, mode="physical")``: the
     calls of ``pipeline._decide`` and of the pipeline's surgery step, with their defaults.
     """
+    from .. import prune   # lazily: torch-pruning is optional for the benchmarks that never prune
+
     if isinstance(model, str):
         torch.manual_seed(seed)
         model = models.create(model, num_classes=10 if num_classes is None else num_classes)

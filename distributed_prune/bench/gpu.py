@@ -55,14 +55,14 @@ class Step:
 
 _S = "distributed_prune.bench.gpu_steps"
 STEPS = (
-    Step("env", "environment", f"{_S}:step_env", 0.04),
-    Step("correctness", "compiled kernels vs the reference", f"{_S}:step_correctness", 0.16),
-    Step("train", "ResNet-50 training / inference, dense vs 2.31x plan", f"{_S}:step_train", 0.26),
-    Step("masked", "masked-phase step time per backend", f"{_S}:step_masked", 0.13),
+    Step("env", "environment", f"{_S}:step_env", 0.03),
+    Step("correctness", "compiled kernels vs the reference", f"{_S}:step_correctness", 0.18),
+    Step("train", "ResNet-50 training / inference, dense vs 2.31x plan", f"{_S}:step_train", 0.24),
+    Step("masked", "masked-phase step time per backend", f"{_S}:step_masked", 0.15),
     Step("syncs", "host synchronisations per training step", f"{_S}:step_syncs", 0.10),
-    Step("ddp", "one-process DDP step", f"{_S}:step_ddp", 0.08),
-    Step("ffcv", "FFCV .beton to the device", f"{_S}:step_ffcv", 0.13),
-    Step("compile", "first-call compile time of the Triton kernels", f"{_S}:step_compile", 0.10,
+    Step("ddp", "one-process DDP step", f"{_S}:step_ddp", 0.07),
+    Step("ffcv", "FFCV .beton to the device", f"{_S}:step_ffcv", 0.12),
+    Step("compile", "first-call compile time of the Triton kernels", f"{_S}:step_compile", 0.11,
          fresh_triton_cache=True),
 )
 

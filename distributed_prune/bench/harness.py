@@ -127,9 +127,12 @@ def commit() -> str:
     ``unknown`` (a copy of the tree without .git, as on a lent GPU node)."""
     root = Path(__file__).resolve().parents[2]
     try:
+        # this tree's own repository only (an installed copy may sit inside someone else's)
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10)
-        if sha.returncode == 0 and sha.stdout.strip():
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == root and sha.stdout.strip():
             dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                    capture_output=True, text=True, timeout=10).stdout.strip()
             return sha.stdout.strip() + ("-dirty" if dirty else "")

@@ -31,6 +31,22 @@ def amp_dtype(amp: str):
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def fast_path(device: str = "auto") -> dict:
+    """What ``train.amp`` / ``train.channels_last`` = ``auto`` resolve to for ``train.device``:
+    bf16 autocast + channels_last on a CUDA device with native bf16 (compute capability >= 8.0:
+    Ampere, Hopper, ...; the tensor-core path), else fp32 NCHW (CPU, or an older GPU, where fp16
+    would need loss scaling the user should choose deliberately)."""
+    if device == "cpu":
+        return {"amp": "none", "channels_last": False}
+    if not torch.cuda.is_available():
+        return {"amp": "none", "channels_last": False}
+    if torch.version.hip is not None:  # ROCm reports no CUDA capability; torch knows its bf16 support
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        bf16 = torch.cuda.get_device_capability() >= (8, 0)
+    return {"amp": "bf16", "channels_last": True} if bf16 else {"amp": "none", "channels_last": False}
+
+
 def resolve_static_graph(static_graph, compile: bool, grad_accum: int = 1) -> bool:
     """``dist.static_graph``: ``auto`` turns DDP's static graph on (the reducer records the
     gradient-ready order once instead of rediscovering it every step) for every model here,
