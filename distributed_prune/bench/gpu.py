@@ -192,12 +192,12 @@ def verdict(fig: dict) -> str:
     if fig.get("target") is None:
         return ""
     if fig.get("met") is None:
-        return "n/a" + (f" ({fig['note']})" if fig.get("note") else "")
+        return "n/a"
     return "MET" if fig["met"] else "MISSED"
 
 
-def figure_rows(res: dict) -> list[list]:
-    return [[f["name"], _fmt(f.get("value"), f.get("unit", "")),
+def figure_rows(res: dict, notes: bool = True) -> list[list]:
+    return [[f["name"] + (f" ({f['note']})" if notes and f.get("note") else ""), _fmt(f.get("value"), f.get("unit", "")),
              "" if f.get("target") is None else f"{f.get('op', '>=')} {_fmt(f['target'], f.get('unit', ''))}",
              verdict(f)] for f in res.get("figures", [])]
 
@@ -224,7 +224,7 @@ def summary_text(results: list[dict], *, total_s: float, budget: float) -> str:
     head = next((r["header"] for r in results if r.get("header")), {})
     rows = []
     for r in results:
-        figs = figure_rows(r)
+        figs = figure_rows(r, notes=False)   # one screen: the notes are in the step tables
         first = [r["step"], _status(r)[:60]]
         if not figs:
             rows.append(first + ["", "", "", ""])

@@ -149,8 +149,10 @@ def bench_throughput(folder: str, betons: dict, *, batch: int, workers: int,
         loaders[name] = (ff, ff.set_epoch)
     times = {name: [] for name in loaders}
     counts = {}
+    names = list(loaders)
     for r in range(rounds):
-        for name, (loader, set_epoch) in loaders.items():
+        for name in (names if r % 2 == 0 else names[::-1]):   # ABBA, as the harness orders reps
+            loader, set_epoch = loaders[name]
             if set_epoch is not None:
                 set_epoch(r)
             counts[name], t = _epoch(loader)

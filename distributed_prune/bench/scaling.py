@@ -11,8 +11,9 @@ momentum 0.9, weight decay by rank) + ``build_engine(--engine)`` (DDP or DeepSpe
 builds it) + ``train_epoch`` over an in-memory synthetic batch (seeded per rank; no data loading
 in the measurement). Weak scaling: every process keeps ``--batch`` samples per step, so the global
 batch is N x ``--batch``. After ``--warmup`` steps, ``--reps`` repetitions of ``--steps`` steps are
-timed between barriers (wall clock on rank 0, after a CUDA synchronize on GPU); the step time is
-the median over repetitions. Throughput is global samples/s and
+timed between barriers by the shared harness (:func:`.harness.time_once`: CUDA events on GPU,
+perf_counter on CPU; rank 0's figure); the step time is the median over repetitions.
+Throughput is global samples/s and
 
     efficiency = throughput_N / (N x throughput_1)
 
@@ -29,7 +30,6 @@ import os
 import platform
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -147,15 +147,9 @@ def _worker(rank: int, world: int, port: int, s: dict, out: str):
         run(s["warmup"])
         times = []
         for _ in range(s["reps"]):
+            dist.barrier()   # every rank starts a repetition together
+            times.append(harness.time_once(lambda: run(s["steps"]), ctx.device) / s["steps"])
             dist.barrier()
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run(s["steps"])
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            dist.barrier()
-            times.append(1e3 * (time.perf_counter() - t0) / s["steps"])
         if rank == 0:
             Path(out).write_text(json.dumps({"step_ms_reps": times}))
         ok = True

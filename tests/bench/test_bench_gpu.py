@@ -74,7 +74,9 @@ def test_figure_verdicts():
     assert gpu_steps.figure("x", 2900.0, target=3000.0)["met"] is False
     assert gpu_steps.figure("m", 0.75, target=0.7, op="<=")["met"] is False
     cpu = gpu_steps.figure("x", 10.0, target=3000.0, gpu=False)
-    assert cpu["met"] is None and gpu.verdict(cpu) == "n/a (CPU run)"
+    assert cpu["met"] is None and gpu.verdict(cpu) == "n/a" and cpu["note"] == "CPU run"
+    assert gpu_steps.figure("ok", True, target=True, op="==")["met"] is True
+    assert gpu_steps.figure("n", 15, target=16, op="==")["met"] is False
     assert gpu.verdict(gpu_steps.figure("x", 1.0)) == ""                        # no target: no verdict
 
 
@@ -134,13 +136,15 @@ def test_cpu_tiny_end_to_end(tmp_path):
     corr = json.loads((out / "correctness.json").read_text())
     checked = [c for c in corr["masked_conv"] if "ok" in c]
     assert checked and all(c["ok"] for c in checked), checked
-    assert all(f["value"] == f["target"] for f in corr["figures"])
+    assert all(f["value"] == f["target"] for f in corr["figures"]) and corr["figures"][0]["target"] == len(checked)
     train = json.loads((out / "train.json").read_text())
     assert set(train["img_s"]) == {"dense", "pruned", "pruned_r8"}
     assert all(f["met"] is None for f in train["figures"])                # CPU: no verdict on GPU targets
     ddp = json.loads((out / "ddp.json").read_text())
     assert ddp["backend"] == "gloo" and ddp["static_graph"] is True
     assert ddp["figures"][0]["met"] and ddp["figures"][1]["met"]           # wrapped; same step as plain
+    syncs = json.loads((out / "syncs.json").read_text())["syncs"]
+    assert set(syncs) == {"plain", "greg", "tpp", "masked"}                 # every kind of step ran
     masked = json.loads((out / "masked.json").read_text())
     assert all("reference" in m["step_ms"] for m in masked["masked"].values())
     assert "| step" in (out / "summary.md").read_text()
