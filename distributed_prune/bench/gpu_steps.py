@@ -309,8 +309,11 @@ def step_correctness(settings: dict) -> dict:
                       target=len(checked), op="==", gpu=True),
                figure("filter_norms (l1/l2/taylor) within bound", sum(r["worst"] <= 1.0 for r in norms_checked), "",
                       target=len(norms_checked), op="==", gpu=True)]
+    not_run = sum(1 for r in results if r.get("skipped") == "out of time")
     if not checked:
         figures[0]["note"] = "no compiled backend ran"
+    elif not_run:
+        figures[0]["note"] = f"{not_run} cases not run: out of time"
     table = harness.md_table(["backend", "case", "dtype", "layout", "worst error / bound"], rows)
     return {"masked_conv": results, "filter_norms": norms, "figures": figures, "table": table}
 
@@ -567,11 +570,13 @@ def step_ddp(settings: dict) -> dict:
 
 # --------------------------------------------------------------------------- ffcv
 def step_ffcv(settings: dict) -> dict:
-    from ..data.ffcv import _import_error
+    from ..data.ffcv import require_ffcv
+    from ..errors import UserError
 
-    why = _import_error()
-    if why:
-        raise Skipped(f"FFCV is not installed ({why}); see the README on carrying wheels to an offline node")
+    try:
+        require_ffcv()
+    except UserError as e:
+        raise Skipped(f"{e} (README: carrying wheels to an offline GPU node)") from None
     from ..data.beton import write_beton
     from ..data.ffcv import build_ffcv_loaders
 
