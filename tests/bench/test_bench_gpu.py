@@ -148,3 +148,27 @@ def test_cpu_tiny_end_to_end(tmp_path):
     masked = json.loads((out / "masked.json").read_text())
     assert all("reference" in m["step_ms"] for m in masked["masked"].values())
     assert "| step" in (out / "summary.md").read_text()
+
+
+def test_missing_dependency_skips_the_step_by_name(tmp_path):
+    """On a node without torch-pruning or FFCV (the lent GPU image), the steps that need them say
+    skipped and why; the environment step still runs."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["torch_pruning"] = None   # import fails as if not installed
+        sys.modules["ffcv"] = None
+        from distributed_prune.bench import gpu_child
+        for step in ("step_train", "step_ffcv", "step_env"):
+            out = {str(tmp_path)!r} + "/" + step + ".json"
+            gpu_child.main(["distributed_prune.bench.gpu_steps:" + step, out,
+                            json.dumps({{"device": "cpu", "size": "tiny", "out": {str(tmp_path)!r}, "limit_s": 60}})])
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    train = json.loads((tmp_path / "step_train.json").read_text())
+    assert train["status"] == "skipped" and "'torch_pruning', which is not installed" in train["why"]
+    ffcv = json.loads((tmp_path / "step_ffcv.json").read_text())
+    assert ffcv["status"] == "skipped" and "FFCV" in ffcv["why"]
+    assert json.loads((tmp_path / "step_env.json").read_text())["status"] == "ok"
