@@ -129,8 +129,9 @@ class PruneCfg(_Section):
 
 
 class PxFyCfg(_Section):
-    """Prune at epoch ``prune_at`` of ONE overall schedule of ``total_epochs`` (PAPER.md "PxFy"):
-    pretrain uses epochs [0, x) of ``lr_schedule``; retrain continues it for the rest."""
+    """Prune at epoch ``prune_at`` of ONE overall schedule of ``total_epochs`` ("PxFy",
+    docs/science.md section 4): pretrain uses epochs [0, x) of ``lr_schedule``; retrain continues
+    it for the rest."""
     total_epochs: int = Field(0, ge=0)
     prune_at: int = Field(0, ge=0)
     lr_schedule: Optional[str] = None

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cmdline import ArgumentParser
 from ..errors import UserError
 from . import harness
 
@@ -68,13 +69,8 @@ STEPS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dprune bench gpu", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="dprune bench gpu", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_gpu", help="directory for the results (default: bench_gpu)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for all steps (default: {DEFAULT_BUDGET_S:.0f}; {CPU_BUDGET_S:.0f} with --cpu)")

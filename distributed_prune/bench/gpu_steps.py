@@ -24,6 +24,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+from ..dtypes import DTYPES, amp_dtype, canonical
 from . import common, harness
 from .gpu_child import Skipped
 
@@ -106,8 +107,12 @@ def _fast_path(dev: torch.device) -> tuple[str, bool]:
 def _model_settings(dev, sz, *, batch=None, input_size=None) -> dict:
     amp, cl = _fast_path(dev)
     return {"device": dev, "batch": batch or sz["batch"], "input_size": tuple(input_size or sz["input"]),
-            "num_classes": sz["classes"], "amp": amp, "channels_last": cl,
-            "dtype": {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}[amp]}
+            "num_classes": sz["classes"], "amp": amp, "channels_last": cl, "dtype": _dtype_name(amp)}
+
+
+def _dtype_name(amp: str) -> str:
+    """The tensor dtype name (fp32 / bf16 / fp16) a ``train.amp`` mode computes in."""
+    return canonical(amp_dtype(amp) or torch.float32)
 
 
 def _setup(model, s: dict, **kw) -> common.TrainSetup:
@@ -178,7 +183,6 @@ UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 # nearest as the GPU does: one unit in the last place, twice the unit roundoff.
 INTERPRETER_BF16_ROUNDOFF = 2.0 ** -7
 SUBNORMAL = {"fp32": 0.0, "bf16": 0.0, "fp16": 2.0 ** -24}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _gamma(k: int) -> float:
@@ -585,7 +589,7 @@ def step_ffcv(settings: dict) -> dict:
     dev, gpu, sz = _ctx(settings)
     f = sz["ffcv"]
     amp, cl = _fast_path(dev)
-    dtype = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}[amp]
+    dtype = _dtype_name(amp)
     with tempfile.TemporaryDirectory(prefix="dprune-bench-gpu-") as tmp:
         path = os.path.join(tmp, "synthetic.beton")
         t0 = time.perf_counter()
@@ -610,8 +614,8 @@ def step_ffcv(settings: dict) -> dict:
     img_s = harness.median(rates)
     on_device = first is not None and first["device"].startswith(dev.type)
     kind = _gpu_kind(torch.cuda.get_device_name(dev)) if gpu else "H100"
-    figs = [figure("batches arrive on the device in the training dtype", bool(on_device and first["dtype"] == {
-                "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]), "", target=True, op="==", gpu=True),
+    figs = [figure("batches arrive on the device in the training dtype",
+                   bool(on_device and canonical(first["dtype"]) == dtype), "", target=True, op="==", gpu=True),
             figure("FFCV img/s (synthetic JPEGs)", img_s, "img/s", target=DENSE_IMG_S[kind], gpu=gpu,
                    note="target: the dense training rate it must feed")]
     rows = [["images", f"{f['n']} JPEGs ~{f['image'][0]}x{f['image'][1]}, beton {info['bytes'] / 2**20:.1f} MiB, "
