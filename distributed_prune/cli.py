@@ -8,7 +8,7 @@
     dprune export RUN_DIR --format onnx|torch-export|state-dict [--out FILE] [--input-size C,H,W]
     dprune sweep CONFIG --grid key=v1,v2 [--seeds N] [--launcher local|torchrun|slurm]
     dprune config show CONFIG [key=value ...]
-    dprune bench {kernels,train,loader,speedup} ...
+    dprune bench {kernels,train,loader,speedup,masked,gpu} ...
     dprune data write-beton --dataset NAME --out FILE
     dprune models
 
@@ -53,6 +53,7 @@ def cmd_plan(args) -> int:
            "speedup": dense["macs"] / max(pruned["macs"], 1),
            "params_reduction": 1 - pruned["params"] / dense["params"],
            "layers": rows, "layer_ratios": p.layer_ratios}
+    out.update(_round_to_8(args, net, x, rows, dense["macs"], pruned["macs"]))
     if args.json:
         print(json.dumps(out))
         return 0
@@ -69,6 +70,14 @@ def cmd_plan(args) -> int:
     print(f"MACs   {dense['macs'] / 1e6:12.2f} M -> {pruned['macs'] / 1e6:12.2f} M   speedup {out['speedup']:.2f}x")
     print(f"params {dense['params'] / 1e6:12.3f} M -> {pruned['params'] / 1e6:12.3f} M   "
           f"({100 * out['params_reduction']:.2f}% fewer)")
+    odd = out["not_multiple_of_8"]
+    if odd:
+        r8 = out["round_to_8"]
+        print(f"kept widths not a multiple of 8 ({len(odd)} of {len(rows)} pruned layers; tensor cores "
+              f"prefer multiples of 8): " + ", ".join(f"{r['layer']}={r['kept']}" for r in odd[:8])
+              + (f", ... (+{len(odd) - 8})" if len(odd) > 8 else ""))
+        print(f"round_to 8 would keep {r8['pruned_macs'] / 1e6:.2f} M MACs ({100 * r8['mac_cost']:+.1f}%), "
+              f"speedup {out['speedup']:.2f}x -> {r8['speedup']:.2f}x (see docs/benchmarks/throughput.md)")
     return 0
 
 
@@ -79,6 +88,23 @@ def cmd_export(args) -> int:
     out = export(args.run, args.format, out=args.out, input_size=size)
     print(f"dprune: wrote {out}")
     return 0
+
+
+def _round_to_8(args, net, x, rows, dense_macs: int, pruned_macs: int) -> dict:
+    """Pruned layers whose kept width is not a multiple of 8 (and not their full width), and the
+    MACs the same plan would keep with ``round_to=8``: the price of tensor-core-friendly widths."""
+    import copy
+
+    from . import flops, prune
+
+    odd = [{"layer": r["layer"], "kept": r["kept"]} for r in rows
+           if r["kept"] % 8 and r["kept"] != r["channels"]]
+    if not odd or (args.round_to and args.round_to % 8 == 0):
+        return {"not_multiple_of_8": odd, "round_to_8": None}
+    p8 = prune.plan(net, args.ratios, criterion=args.criterion, example_input=x, round_to=8, skip=args.skip or ())
+    macs8 = flops.count(prune.apply(copy.deepcopy(net), p8, mode="physical"), x)["macs"]
+    return {"not_multiple_of_8": odd, "round_to_8": {"pruned_macs": macs8, "speedup": dense_macs / max(macs8, 1),
+                                                     "mac_cost": macs8 / max(pruned_macs, 1) - 1}}
 
 
 def cmd_models(args) -> int:
@@ -191,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-BENCHES = ("kernels", "train", "loader", "speedup")
+BENCHES = ("kernels", "train", "loader", "speedup", "masked", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,10 +130,20 @@ class RegCfg(_Section):
     lw_opp: float = 1000.0
 
 
+class MaskedCfg(_Section):
+    """Masked phases (prune.method=gradual|soft): see distributed_prune/prune/masked.py."""
+    schedule: Literal["cubic", "linear"] = "cubic"  # gradual: ramp of the pruned count
+    update_interval: int = Field(100, ge=1)   # gradual: iterations between mask updates
+    ramp_fraction: float = Field(0.75, gt=0, le=1)  # gradual: target reached at this phase fraction
+    criterion: Literal["l1", "l2"] = "l1"     # importance recomputed at every update
+    kernel: Literal["auto", "masked_conv", "hooks"] = "auto"  # auto: masked-conv kernels on CUDA
+
+
 class PruneCfg(_Section):
     # the rows of prune.methods.METHODS (spelled out so loading a config needs no torch;
     # tests/unit/test_methods.py keeps the two equal)
-    method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "none"] = "l1"
+    method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "gradual", "soft",
+                    "none"] = "l1"
     ratios: str = "0"
     pick: Literal["smallest", "largest", "random"] = "smallest"
     round_to: Optional[int] = Field(None, ge=1)
@@ -142,9 +152,10 @@ class PruneCfg(_Section):
     taylor_batches: int = Field(4, ge=1)
     iterative_steps: int = Field(1, ge=1)     # prune/retrain cycles reaching the ratio geometrically
     iterative_epochs: int = Field(0, ge=0)    # retrain epochs between intermediate steps
-    epochs: int = Field(0, ge=0)              # regularization phase (greg/tpp), in epochs
-    lr_schedule: Optional[str] = None         # regularization phase LR (default: retrain's first LR)
+    epochs: int = Field(0, ge=0)              # greg/tpp/gradual/soft phase, in epochs
+    lr_schedule: Optional[str] = None         # that phase's LR (default: retrain's first LR)
     reg: RegCfg = RegCfg()
+    masked: MaskedCfg = MaskedCfg()
 
     _ratios = field_validator("ratios", mode="before")(classmethod(lambda cls, v: _check_ratios(v)))
 
@@ -168,15 +179,44 @@ class PxFyCfg(_Section):
         return None if v is None else _check_schedule(v)
 
 
+def _deepspeed_precision(path) -> str | None:
+    """The precision a DeepSpeed JSON enables (bf16 / fp16 / none), None when unreadable (the
+    engine then reports the file)."""
+    import json
+
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(ds, dict):
+        return None
+    for key in ("bf16", "fp16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") is True:
+            return key
+    return "none"
+
+
 class TrainCfg(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
+    # "auto" (default): see train.engine.fast_path. Resolved while the config validates, so the resolved
+    # config (config.yaml of a run, `dprune config show`) records what actually runs.
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: Union[bool, Literal["auto"]] = "auto"
     compile: bool = False
     grad_accum: int = Field(1, ge=1)
     progress: bool = True
     cudnn_benchmark: bool = True
     deterministic: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data):
+        if isinstance(data, dict) and "auto" in (data.get("amp", "auto"), data.get("channels_last", "auto")):
+            from .train.engine import fast_path
+
+            fast = fast_path(data.get("device", "auto"))
+            data = {**data, **{k: fast[k] for k in ("amp", "channels_last") if data.get(k, "auto") == "auto"}}
+        return data
 
 
 class DistCfg(_Section):
@@ -185,7 +225,8 @@ class DistCfg(_Section):
     sync_bn: bool = False
     deepspeed_config: Optional[str] = None
     bucket_cap_mb: int = Field(25, ge=1)
-    static_graph: bool = False
+    # "auto": on unless train.compile or train.grad_accum > 1 (see train.engine.resolve_static_graph)
+    static_graph: Union[bool, Literal["auto"]] = "auto"
 
 
 class TrainabilityCfg(_Section):
@@ -206,9 +247,25 @@ class Config(_Section):
     prune: PruneCfg = PruneCfg()
     retrain: RetrainCfg = RetrainCfg()
     pxfy: PxFyCfg = PxFyCfg()
-    train: TrainCfg = TrainCfg()
+    train: TrainCfg = Field(default_factory=TrainCfg)   # a factory: "auto" resolves at load, not import
     dist: DistCfg = DistCfg()
     trainability: TrainabilityCfg = TrainabilityCfg()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deepspeed_amp(cls, data):
+        """``train.amp: auto`` with a DeepSpeed JSON follows the JSON's precision (one precision
+        for training and evaluation; the engine rejects a contradiction)."""
+        if not isinstance(data, dict):
+            return data
+        train, dist_ = data.get("train"), data.get("dist")
+        if not isinstance(dist_, dict) or dist_.get("engine") != "deepspeed" or not dist_.get("deepspeed_config"):
+            return data
+        train = train if isinstance(train, dict) else ({} if train is None else None)
+        if train is None or train.get("amp", "auto") != "auto":
+            return data
+        prec = _deepspeed_precision(dist_["deepspeed_config"])
+        return data if prec is None else {**data, "train": {**train, "amp": prec}}
 
     @model_validator(mode="after")
     def _pxfy(self):

@@ -31,6 +31,7 @@ from .dtypes import amp_dtype
 from .errors import UserError
 from .eval import evaluate
 from .prune.decide import compose_plans, decide, step_ratios, taylor_grads
+from .prune.masked import MaskedPhase
 from .prune.methods import Method, Phase, method, targets
 from .prune.reinit import reinit
 from .run_report import write_run_report
@@ -159,6 +160,7 @@ class Stages:
         self.record: dict = {}
         self.plan_json: str | None = None
         self.train_state = None       # training state of the epoch checkpoint resumed from
+        self.ckpt_extra: dict = {}    # more keys for the epoch checkpoints (the masked phase's state)
         self.t_start = time.time()
         self.pre_epochs, self.pre_sched = cfg.effective_pretrain()
         self.re_epochs, self.re_sched = cfg.effective_retrain()
@@ -205,6 +207,8 @@ class Stages:
         self.plan_json = None  # the dense weights go with no plan until surgery
         if self.method.phase is Phase.REGULARIZATION:
             model = self._regularize(model, at, plan)
+        elif self.method.phase is Phase.MASKED:
+            model, plan = self._masked(model, at, plan)
         model = prune.apply(model, plan, mode="physical")
         model, plan = self._iterative(model, plan)
         model = self._reinit(model)
@@ -273,6 +277,40 @@ class Stages:
                            schedule=cfg.prune.lr_schedule or f"0:{first_lr}",
                            optim=OptimSettings.of(cfg.retrain), regularizer=reg)
 
+    def _masked(self, model, at: Point, plan):
+        """The masked phase (``prune.method`` gradual or soft, :mod:`.prune.masked`):
+        ``prune.epochs`` epochs at ``prune.lr_schedule`` with channel masks that the phase
+        updates before optimizer steps (gradual: every ``prune.masked.update_interval`` steps;
+        soft: every epoch). Returns the model with the final masks applied and their plan (its
+        physical cut computes what the masked model computes). The mask state goes into every
+        epoch checkpoint, so a resumed run continues the phase exactly."""
+        cfg, mc = self.cfg, self.cfg.prune.masked
+        first_lr = parse_schedule(self.re_sched).lr_at(0, total_epochs=max(self.re_epochs, 1))
+        iters = max(1, -(-len(self.data.train) // cfg.train.grad_accum))
+        phase = MaskedPhase(model, plan, kind=self.method.name, criterion=mc.criterion,
+                            schedule=mc.schedule,
+                            update_interval=iters if self.method.name == "soft" else mc.update_interval,
+                            total_iterations=cfg.prune.epochs * iters,
+                            ramp_fraction=mc.ramp_fraction, kernel=mc.kernel)
+        state = (self.train_state or {}).get("masked") if at.stage == Stage.PRUNE else None
+        if state:
+            phase.load_state_dict(json.loads(state), model)
+
+        channels = max(sum(g.n for g in plan.groups), 1)
+
+        def record_masks(end: EpochEnd):
+            end.row["masked_channels"] = phase.n_pruned()
+            end.row["mask_sparsity"] = phase.n_pruned() / channels  # of the plan's prunable channels
+            self.ckpt_extra = {"masked": json.dumps(phase.state_dict())}
+
+        model = self._train(Stage.PRUNE, model, at, epochs=cfg.prune.epochs,
+                            schedule=cfg.prune.lr_schedule or f"0:{first_lr}",
+                            optim=OptimSettings.of(cfg.retrain), step_hook=phase.step,
+                            pre_hooks=[record_masks])
+        self.ckpt_extra = {}
+        model.to(self.device)
+        return model, phase.finish(model)
+
     def _iterative(self, model, plan):
         """Iterative pruning (``prune.iterative_steps`` = k > 1): after the first cut, k-1 more
         cycles of (retrain ``prune.iterative_epochs`` epochs at the retrain LR, then prune the
@@ -314,17 +352,20 @@ class Stages:
 
     # ---- training, evaluation, files
     def _train(self, stage: Stage, model, at: Point | None, *, epochs, schedule, optim,
-               regularizer=None, jsv_every=False, start_epoch=None):
+               regularizer=None, jsv_every=False, start_epoch=None, step_hook=None,
+               pre_hooks=()):
         """One stage of :func:`~distributed_prune.train.stage.train_epochs`, resumed from ``at``
         (None: from ``start_epoch``, without a saved training state)."""
         if start_epoch is None:
             start_epoch = at.start_epoch(stage)
         resume = self.train_state if at is not None and at.stage == stage else None
-        hooks = ([self._log_jsv] if jsv_every else []) + [self._end_epoch, *self.epoch_hooks]
+        hooks = (([self._log_jsv] if jsv_every else []) + list(pre_hooks)
+                 + [self._end_epoch, *self.epoch_hooks])
         return train_epochs(model, self.data.train, stage=stage.label, epochs=epochs,
                             schedule=schedule, optim=optim, engine=self.engine,
                             evaluate=self.evaluate, start_epoch=start_epoch, resume=resume,
-                            regularizer=regularizer, hooks=hooks, progress=self.progress)
+                            regularizer=regularizer, hooks=hooks, progress=self.progress,
+                            step_hook=step_hook)
 
     def _log_jsv(self, end: EpochEnd):
         end.row["jsv_mean"] = self.jsv(end.module)["mean"]
@@ -339,7 +380,7 @@ class Stages:
         stage = Stage.from_label(end.stage)
         rd.save_epoch(stage, end.epoch, end.module, keep=self.cfg.output.keep_checkpoints,
                       plan=self.plan_json, config=self.config, record=json.dumps(self.record),
-                      **end.training_state())
+                      **self.ckpt_extra, **end.training_state())
         dist.barrier()
         rd.maybe_fault(stage, end.epoch)
 

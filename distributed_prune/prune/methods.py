@@ -30,7 +30,7 @@ class Phase(enum.Enum):
     NONE = "none"                       # nothing is pruned at all (prune.method=none)
     ONE_SHOT = "one-shot"               # cut right away
     REGULARIZATION = "regularization"   # train with a penalty on the chosen filters, then cut
-    MASKED = "masked"                   # train with the chosen filters masked, then cut (reserved)
+    MASKED = "masked"                   # train with masks that the phase updates, then cut
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("taylor", "taylor", Phase.ONE_SHOT),
     Method("greg", "l1", Phase.REGULARIZATION, _greg),
     Method("tpp", "l1", Phase.REGULARIZATION, _tpp),
+    # masked phases (prune/masked.py): the plan fixes the groups and their target counts; the
+    # channels are chosen by the phase (prune.masked.criterion), the cut follows its final masks
+    Method("gradual", "l1", Phase.MASKED),
+    Method("soft", "l1", Phase.MASKED),
     Method("none", None, Phase.NONE),
 )}
 

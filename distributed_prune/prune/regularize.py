@@ -78,6 +78,8 @@ class _GrowingReg:
         self._n_increments = max(1, n)
         self.targets = list(targets.values() if isinstance(targets, Mapping) else targets)
         self._validate(model)
+        # index tensors per device, built once (a host-to-device copy per step otherwise)
+        self._index_cache: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.reg = 0.0
         self.iteration = -1
 
@@ -120,15 +122,29 @@ class _GrowingReg:
                     raise UserError(f"regularization target {t.layer_name!r}: {t.bn_name!r} is not a "
                                     f"BatchNorm with {n_out} features")
 
-    def _resolved(self, model: nn.Module):
-        """Yield (layer, bn or None, pruned index tensor on the weight's device) per target."""
+    def _indices(self, t: Target, n_out: int, device: torch.device):
+        """(pruned, kept) output-channel index tensors of target ``t`` on ``device``, built on
+        the first call for that device and reused: no host-to-device copy per iteration."""
+        per_dev = self._index_cache.setdefault(device, [None] * len(self.targets))
+        k = self.targets.index(t)
+        if per_dev[k] is None:
+            pruned = set(int(i) for i in t.pruned)
+            kept = [i for i in range(n_out) if i not in pruned]
+            per_dev[k] = (torch.as_tensor(sorted(pruned), dtype=torch.long, device=device),
+                          torch.as_tensor(kept, dtype=torch.long, device=device))
+        return per_dev[k]
+
+    def _resolved(self, model: nn.Module, with_kept: bool = False):
+        """Yield (layer, bn or None, pruned index tensor on the weight's device) per target
+        (plus the kept index tensor with ``with_kept``)."""
         modules = dict(model.named_modules())
         for t in self.targets:
             if not t.pruned:
                 continue
             layer = modules[t.layer_name]
             bn = modules[t.bn_name] if t.bn_name is not None else None
-            yield layer, bn, torch.as_tensor(t.pruned, dtype=torch.long, device=layer.weight.device)
+            idx, kept = self._indices(t, layer.weight.shape[0], layer.weight.device)
+            yield (layer, bn, idx, kept) if with_kept else (layer, bn, idx)
 
     @staticmethod
     def _params(layer: nn.Module, bn: nn.Module | None, with_weight: bool = True):
@@ -208,14 +224,16 @@ class TPP(_GrowingReg):
     def loss(self, model: nn.Module) -> torch.Tensor:
         """Differentiable regularization loss (a 0-dim tensor on the weights' device)."""
         opp, l2 = [], []
-        for layer, bn, idx in self._resolved(model):
+        for layer, bn, idx, kept in self._resolved(model, with_kept=True):
             w = layer.weight.flatten(1)  # (out, k)
-            gram = w @ w.T                # (out, out)
-            mask = torch.zeros(gram.shape[0], dtype=torch.bool, device=gram.device)
-            mask[idx] = True
-            cross = mask[:, None] | mask[None, :]  # entries with a pruned row or column
-            # G - T is G on those entries and exactly 0 elsewhere (T = G.detach() there).
-            opp.append(gram[cross].square().sum() / gram.numel())
+            # G - T is G on the entries with a pruned row or column and exactly 0 elsewhere
+            # (T = G.detach() there).  Those entries are the pruned rows G[P, :] plus the
+            # kept rows' pruned columns G[K, P]; computed from W[P] and W[K] with index
+            # tensors (a boolean mask would make the device sync on its nonzero every step).
+            w_p = w.index_select(0, idx)
+            rows = w_p @ w.T                               # G[P, :]
+            cross = w.index_select(0, kept) @ w_p.T        # G[K, P]
+            opp.append((rows.square().sum() + cross.square().sum()) / (w.shape[0] ** 2))
             for p in self._params(layer, bn, with_weight=False):
                 l2.append(p.index_select(0, idx).square().sum())
         if not opp:

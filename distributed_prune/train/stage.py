@@ -80,12 +80,15 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: int, sch
                  optim: OptimSettings, engine: EngineSettings,
                  evaluate: Callable[[nn.Module], float], start_epoch: int = 0,
                  resume: Optional[dict] = None, regularizer=None,
-                 hooks: Sequence[EpochHook] = (), progress: bool = False) -> nn.Module:
+                 hooks: Sequence[EpochHook] = (), progress: bool = False,
+                 step_hook: Optional[Callable[[nn.Module, int], None]] = None) -> nn.Module:
     """Train epochs ``start_epoch .. epochs-1``; returns the plain (unwrapped) module.
 
     ``resume``: the training state of the checkpoint resumed from (engine, lr, rng), or None.
     ``regularizer``: a GReg-like object (``step(it)``, ``apply_(module)``, ``reg_at(it)``) or a
-    TPP-like one (also ``loss(module)``). ``evaluate(module) -> top1`` runs after each epoch."""
+    TPP-like one (also ``loss(module)``). ``evaluate(module) -> top1`` runs after each epoch.
+    ``step_hook(module, iteration)`` runs after backward and before each optimizer step (the
+    masked phase's mask updates); ``iteration`` counts optimizer steps from the stage's start."""
     if epochs <= 0 or start_epoch >= epochs:
         return model
     model.to(engine.device)
@@ -107,6 +110,13 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: int, sch
         lr_driver.load_state_dict(resume["lr"])
         set_rng_state(resume["rng"])
     extra_loss, grad_hook = _regularizer_hooks(regularizer, eng.module)
+    if step_hook is not None:
+        module, inner = eng.module, grad_hook
+
+        def grad_hook(it):  # noqa: F811  (the regularizer's hook, then this one)
+            if inner is not None:
+                inner(it)
+            step_hook(module, it)
 
     def training_state():
         return {"engine": eng.state_dict(), "lr": lr_driver.state_dict(), "rng": rng_state()}

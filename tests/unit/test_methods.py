@@ -45,5 +45,8 @@ def test_each_row(name):
         # the targets are the plan's pruned filters of the first conv, with its BatchNorm
         tg = reg.targets
         assert [(t.layer_name, t.pruned, t.bn_name) for t in tg] == [("0", plan.pruned(plan.groups[0]), "1")]
+    elif m.phase is Phase.MASKED:
+        # the masked phases (prune/masked.py) train with masks before the cut; no regularizer
+        assert name in ("gradual", "soft") and reg is None and m.trains_before_cut
     else:
         assert m.phase is Phase.ONE_SHOT and reg is None and not m.trains_before_cut
