@@ -99,11 +99,17 @@ class RetrainCfg(StageCfg):
 
 
 class RegCfg(_Section):
-    granularity: float = Field(1e-4, gt=0)
-    ceiling: float = Field(1.0, gt=0)
-    update_interval: int = Field(5, ge=1)
-    stabilize_interval: int = Field(10000, ge=0)
-    lw_opp: float = 1000.0
+    """GReg / TPP settings; defaults are the authors' (docs/methods.md names their options)."""
+    granularity: float = Field(1e-4, gt=0)            # reg_granularity_prune
+    ceiling: float = Field(1.0, gt=0)                 # reg_upper_limit
+    update_interval: int = Field(5, ge=1)             # update_reg_interval (iterations)
+    stabilize_interval: int = Field(40000, ge=0)      # stabilize_reg_interval (iterations)
+    lw_opp: float = Field(1000.0, ge=0)               # TPP Gram-loss weight
+    lw_opp_schedule: Literal["reg", "constant"] = "reg"  # TPP: weight lw_opp * reg (authors) or lw_opp
+    zero_out_interval: int = Field(100, ge=0)         # TPP layer-wise zeroing in stabilization (0: off)
+    weight_reg: bool = True                           # TPP: L2 on the pruned filters' weight and bias
+    bn_reg: Optional[bool] = None                     # L2 on the following BN (default: TPP yes, GReg no)
+    mag_ratio_limit: Optional[float] = Field(1000.0, gt=0)  # GReg: stop growing at this kept/pruned ratio
 
 
 class PruneCfg(_Section):
