@@ -207,8 +207,13 @@ class Config(_Section):
         return f"{m} {self.effective_retrain()[1]}"
 
     def effective_pretrain(self) -> tuple[int, str]:
+        """(epochs, schedule text) of the pretraining stage, PxFy applied: the first x epochs of
+        the overall schedule laid over all T epochs (a cosine anneals over the whole run)."""
         if self.pxfy.total_epochs:
-            return self.pxfy.prune_at, self.pxfy.lr_schedule
+            from .train.schedules import parse_schedule
+
+            s = parse_schedule(self.pxfy.lr_schedule).over(self.pxfy.total_epochs)
+            return self.pxfy.prune_at, s.text
         return self.pretrain.epochs, self.pretrain.lr_schedule
 
     def effective_retrain(self) -> tuple[int, str]:
