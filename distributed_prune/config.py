@@ -90,6 +90,9 @@ class StageCfg(_Section):
 
 class PretrainCfg(StageCfg):
     checkpoint: Optional[str] = None          # load this base model instead of pretraining
+    # K1 for Scratch-E/B: the epochs that trained the checkpoint's base model, when the checkpoint
+    # does not record them (bases written by `dprune run` do; torchvision weight files do not)
+    base_epochs: Optional[float] = Field(None, ge=0)
 
 
 class RetrainCfg(StageCfg):
@@ -123,7 +126,7 @@ class PruneCfg(_Section):
     iterative_steps: int = Field(1, ge=1)     # prune/retrain cycles reaching the ratio geometrically
     iterative_epochs: int = Field(0, ge=0)    # retrain epochs between intermediate steps
     epochs: int = Field(0, ge=0)              # regularization phase (greg/tpp), in epochs
-    lr_schedule: Optional[str] = None         # regularization phase LR (default: retrain's first LR)
+    lr_schedule: str = "0:0.001"              # regularization phase LR (the authors' lr_prune; null: this)
     reg: RegCfg = RegCfg()
 
     _ratios = field_validator("ratios", mode="before")(classmethod(lambda cls, v: _check_ratios(v)))
@@ -131,7 +134,7 @@ class PruneCfg(_Section):
     @field_validator("lr_schedule", mode="before")
     @classmethod
     def _s(cls, v):
-        return None if v is None else _check_schedule(v)
+        return "0:0.001" if v is None else _check_schedule(v)
 
 
 class PxFyCfg(_Section):

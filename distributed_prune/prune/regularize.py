@@ -52,7 +52,7 @@ from torch import nn
 
 from distributed_prune.errors import UserError
 
-__all__ = ["Target", "GReg", "TPP", "phase_iterations"]
+__all__ = ["Target", "GReg", "TPP", "phase_iterations", "check_phase"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EPS = 1e-9  # relative slack for float comparisons against the ceiling (1e-4 * 10000 == 1.0)
@@ -397,3 +397,22 @@ class TPP(_GrowingReg):
                 if bn is not None:
                     bn.weight.index_fill_(0, idx, 0.0)
                     bn.bias.index_fill_(0, idx, 0.0)
+
+
+def check_phase(method: str, *, epochs: int, iters_per_epoch: int, reg_granularity: float,
+                reg_ceiling: float, update_reg_interval: int, stabilize_interval: int) -> int:
+    """Refuse (UserError, one line with the numbers) a regularization phase of ``epochs`` epochs
+    of ``iters_per_epoch`` iterations too short for the penalty to reach its ceiling and stay
+    there ``stabilize_interval`` iterations.  Returns the iterations the phase needs."""
+    need = phase_iterations(method, reg_granularity=reg_granularity, reg_ceiling=reg_ceiling,
+                            update_reg_interval=update_reg_interval,
+                            stabilize_interval=stabilize_interval)
+    have = int(epochs) * int(iters_per_epoch)
+    if have < need:
+        start = need - stabilize_interval - 1
+        raise UserError(
+            f"prune.epochs={epochs} gives {have} iterations ({iters_per_epoch} per epoch) but "
+            f"{method} needs {need}: reg reaches its ceiling {reg_ceiling:g} at iteration {start} "
+            f"(granularity {reg_granularity:g} every {update_reg_interval}) and then stabilizes "
+            f"{stabilize_interval}; set prune.epochs >= {-(-need // int(iters_per_epoch))}")
+    return need

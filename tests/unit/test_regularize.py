@@ -245,3 +245,20 @@ def test_bad_targets():
         GReg(net, [Target("0", [8])])
     with pytest.raises(UserError, match="BatchNorm"):
         TPP(net, [Target("0", [1], "4")])  # BN with 6 features after an 8-filter conv
+
+
+def test_check_phase_refuses_a_phase_too_short():
+    from distributed_prune.prune.regularize import check_phase
+
+    kw = dict(reg_granularity=1e-4, reg_ceiling=1.0, update_reg_interval=5, stabilize_interval=40000)
+    # GReg: 10001 updates at 0, 5, ..., 50000; then 40000 more: 90001 iterations
+    assert check_phase("greg", epochs=18, iters_per_epoch=5005, **kw) == 90001
+    with pytest.raises(UserError, match=r"prune.epochs=17 gives 85085 iterations \(5005 per epoch\) "
+                                        r"but greg needs 90001: .* iteration 50000 .*prune.epochs >= 18"):
+        check_phase("greg", epochs=17, iters_per_epoch=5005, **kw)
+    # TPP: reg = 1e-4 * it / 10 reaches 1 at 100000; + 10000 stabilize (CIFAR-10, batch 128)
+    assert check_phase("tpp", epochs=282, iters_per_epoch=391, reg_granularity=1e-4,
+                       reg_ceiling=1.0, update_reg_interval=10, stabilize_interval=10000) == 110001
+    with pytest.raises(UserError, match="needs 110001"):
+        check_phase("tpp", epochs=281, iters_per_epoch=391, reg_granularity=1e-4,
+                    reg_ceiling=1.0, update_reg_interval=10, stabilize_interval=10000)
