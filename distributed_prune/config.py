@@ -102,7 +102,7 @@ class RetrainCfg(StageCfg):
 
 
 class RegCfg(_Section):
-    """GReg / TPP settings; defaults are the authors' (docs/methods.md names their options)."""
+    """GReg / TPP settings; defaults are the authors' (docs/science.md section 10 names them)."""
     granularity: float = Field(1e-4, gt=0)            # reg_granularity_prune
     ceiling: float = Field(1.0, gt=0)                 # reg_upper_limit
     update_interval: int = Field(5, ge=1)             # update_reg_interval (iterations)
@@ -138,8 +138,9 @@ class PruneCfg(_Section):
 
 
 class PxFyCfg(_Section):
-    """Prune at epoch ``prune_at`` of ONE overall schedule of ``total_epochs`` (PAPER.md "PxFy"):
-    pretrain uses epochs [0, x) of ``lr_schedule``; retrain continues it for the rest."""
+    """Prune at epoch ``prune_at`` of ONE overall schedule of ``total_epochs`` ("PxFy",
+    docs/science.md section 4): pretrain uses epochs [0, x) of ``lr_schedule``; retrain continues
+    it for the rest."""
     total_epochs: int = Field(0, ge=0)
     prune_at: int = Field(0, ge=0)
     lr_schedule: Optional[str] = None

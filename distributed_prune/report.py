@@ -204,7 +204,7 @@ def _recipe(run: dict) -> str:
 
 
 def cross_validate(runs: list[dict], method_a: str, method_b: str) -> dict:
-    """Recipe cross-validation (PAPER.md section 2): is A better than B under every recipe?
+    """Recipe cross-validation (docs/science.md section 2): is A better than B under every recipe?
 
     A method is matched by ``setup.prune_method`` or by ``label``; a recipe is a retraining LR
     schedule (canonical) with its epochs.  At each ratio spec, the mean final top-1 of A and B is

@@ -1,6 +1,6 @@
 """Sweeps: expand a grid of config overrides into runs and launch them.
 
-    dprune sweep configs/paper/resnet56_cifar10.yaml \\
+    dprune sweep configs/paper/resnet56_cifar10_l1_step0.01.yaml \\
         --grid "prune.ratios=[0,0.3,0.3,0.3,0],[0,0.7,0.7,0.7,0]" \\
         --grid "retrain.lr_schedule=0:0.01,60:0.001,90:0.0001|0:0.001,80:0.0001" \\
         --seeds 3 --launcher torchrun --nproc 4 --out runs/r56
@@ -25,7 +25,6 @@ lines are written to ``<out>/runs.txt`` (one shell-quoted line per run).  Launch
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -193,7 +192,8 @@ def cli_sweep(args) -> int:
         if args.nproc > 1:
             print(f"note: --launcher local runs in this process; use --launcher torchrun for "
                   f"--nproc {args.nproc}")
-        run_from_cli = importlib.import_module("distributed_prune.pipeline").run_from_cli
+        from .pipeline import run_from_cli
+
         failed = []
         for i, ((name, _, line), complete) in enumerate(zip(runs, done), 1):
             if complete:

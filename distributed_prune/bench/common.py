@@ -27,17 +27,15 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .. import flops, models, prune
-from ..cli import parse_input_size
+from .. import dtypes, flops, models, prune
+from ..cmdline import parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
 from ..train.loop import train_epoch
 from ..train.optim import build_optimizer
 from ..train.schedules import EpochIterLR
 
-AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}     # --dtype -> engine amp
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (PAPER.md section 5)
+RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (docs/science.md section 5)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -85,8 +83,7 @@ def is_imagenet_model(name: str) -> bool:
     models (CIFAR ResNets, VGG19_C, ...) are CIFAR-shaped."""
     from ..models.tv import torchvision_classifiers
 
-    models.list_models(include_torchvision=False)
-    return name not in models._REGISTRY and name in torchvision_classifiers()
+    return name not in models.MODELS and name in torchvision_classifiers()
 
 
 def defaults(model: str, device: torch.device) -> dict:
@@ -213,9 +210,9 @@ def inference_fn(model: nn.Module, *, device, batch: int, input_size, dtype: str
                  channels_last: bool = False, compile: bool = False, seed: int = 0):
     """A callable running one eval-mode, no-grad forward of a copy of ``model`` in ``dtype``
     (weights and input cast: low-precision inference as deployed)."""
-    m = copy.deepcopy(model).to(device=device, dtype=DTYPES[dtype]).eval()
+    m = copy.deepcopy(model).to(device=device, dtype=dtypes.DTYPES[dtype]).eval()
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *input_size, generator=g).to(device=device, dtype=DTYPES[dtype])
+    x = torch.randn(batch, *input_size, generator=g).to(device=device, dtype=dtypes.DTYPES[dtype])
     if channels_last and x.dim() == 4:
         m = m.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distributed_prune.errors import UserError
+from ..cmdline import parse_image_size
+from ..errors import UserError
 
 MODES = ("smart", "jpg", "raw", "proportion")
 SOURCES = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "imagenet")
@@ -55,21 +56,6 @@ SMALL_PAGE, LARGE_PAGE = 1 << 21, 1 << 23  # FFCV's minimum page and its default
 
 
 # ----------------------------------------------------------------------------- sources
-
-def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Raw digits of one split: pixels (N, 8, 8) uint8 in 0..16 and labels (N,) int64.
-
-    Same split as :mod:`distributed_prune.data.digits` (train_test_split of the sklearn arrays
-    with ``test_size=0.25, random_state=0, stratify=y``; the split depends only on ``y``).
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
-    return x.reshape(-1, 8, 8).astype(np.uint8), y.astype(np.int64)
-
 
 def digits_to_rgb(pixels: np.ndarray) -> np.ndarray:
     """(N, 8, 8) values 0..16 -> (N, 8, 8, 3) uint8 ``round(p * 255 / 16)``."""
@@ -166,6 +152,8 @@ def open_source(name: str, split: str = "train", root=None, *, num_samples=None,
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "digits":
+        from .digits import digits_split
+
         pixels, labels = digits_split(split)
         return ArrayImages(digits_to_rgb(pixels), labels), 8 * 8 * 3
     if name == "synthetic":
@@ -267,7 +255,7 @@ def write_dataset(dataset, out, *, mode: str = "smart", max_resolution=None,
     summary: ``path, num_samples, num_classes, bytes, seconds, mode, max_resolution,
     jpeg_quality, compress_probability``.
     """
-    from distributed_prune.data.ffcv import require_ffcv, validate_beton
+    from .ffcv import require_ffcv, validate_beton
 
     require_ffcv()
     import ffcv.writer
@@ -342,14 +330,6 @@ def write_beton(dataset_name: str, *, split: str = "train", root=None, out, mode
 
 # ----------------------------------------------------------------------------- CLI
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-    return w, h
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dprune data write-beton``."""
     parser.add_argument("--dataset", required=True, choices=SOURCES)
@@ -364,7 +344,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JPEG fraction in --mode proportion")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--num-samples", type=int, default=None, help="synthetic only")
-    parser.add_argument("--image-size", type=_size, default=None,
+    parser.add_argument("--image-size", type=parse_image_size, default=None,
                         help="synthetic only: WIDTHxHEIGHT (default 400x350)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic only")
     parser.add_argument("--no-progress", action="store_true")

@@ -1,7 +1,7 @@
 """Model registry.
 
 ``create(name, num_classes=...)`` builds any registered model; ``list_models()`` lists the
-project's own models plus every torchvision classification model (registered on demand).
+project's own models (:data:`MODELS`) plus every torchvision classification model.
 
 Register a new model with::
 
@@ -15,30 +15,27 @@ from typing import Callable
 import torch.nn as nn
 
 from ..errors import UserError
+from ..registry import Registry
+from .cifar_resnet import resnet20, resnet32, resnet56, resnet110
+from .lenet import lenet5
+from .mlp import mlp_7_linear, mlp_7_relu
+from .vgg import vgg19_c, vgg_tiny
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+#: The project's own models: name -> factory ``fn(num_classes=..., **kw) -> nn.Module``.
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "model.name")
+for _factory in (resnet20, resnet32, resnet56, resnet110, lenet5, mlp_7_linear, mlp_7_relu,
+                 vgg19_c, vgg_tiny):
+    MODELS.add(_factory.__name__, _factory)
+del _factory
 
+#: Old name of :data:`MODELS`, still read by pipeline.py; use MODELS.
+_REGISTRY = MODELS
 
-def register(name: str):
-    """Decorator adding a model factory ``fn(num_classes=..., **kw) -> nn.Module`` to the registry."""
-
-    def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_builtin():
-    # Importing the modules runs their @register decorators (once).
-    from . import cifar_resnet, lenet, mlp, tv, vgg  # noqa: F401
+register = MODELS.register
 
 
 def list_models(include_torchvision: bool = True) -> list[str]:
-    _load_builtin()
-    names = set(_REGISTRY)
+    names = set(MODELS)
     if include_torchvision:
         from .tv import torchvision_classifiers
 
@@ -48,9 +45,8 @@ def list_models(include_torchvision: bool = True) -> list[str]:
 
 def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     """Build model ``name`` with ``num_classes`` outputs (random init, never downloaded weights)."""
-    _load_builtin()
-    if name in _REGISTRY:
-        return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    if name in MODELS:
+        return MODELS[name](num_classes=num_classes, **kwargs)
     from .tv import build_torchvision, torchvision_classifiers
 
     if name in torchvision_classifiers():

@@ -1,11 +1,12 @@
-"""Regularization-based pruning: GReg-1 and TPP, as their authors' default code paths run them.
+"""Regularization-based pruning: GReg-1 and TPP, as their authors' default code paths run them
+(docs/science.md section 3; section 10 lists every option with the authors' names).
 
 Both act on the *dense* model during a pruning phase, after the filters to prune were chosen and
 before they are physically removed.  A penalty factor ``reg`` grows in steps of ``reg_granularity``
 (Delta) every ``update_reg_interval`` (tau) iterations; once it reached its ceiling the penalty is held
 ("stabilization") for ``stabilize_interval`` iterations and the phase is done.  The two methods
-follow their authors' two code bases, which differ in details (docs/methods.md lists them with the
-authors' option names):
+follow their authors' two code bases, which differ in details (docs/science.md section 10 lists
+them with the authors' option names):
 
 GReg-1 (Regularization-Pruning, ``pruner/reg_pruner.py``, ``_greg_1``)
     At every iteration ``it`` with ``it % tau == 0`` (from ``it = 0`` on) each target layer's

@@ -24,7 +24,7 @@ Grammar accepted by :func:`parse_schedule` (whitespace is ignored)::
 Epochs are 0-based.  ``Schedule.text`` is the canonical form; schedules compare equal when
 their canonical forms are equal, so ``multistep:0.1:0.1:30`` == ``0:0.1,30:0.01``.
 
-PxFy (PAPER.md section 4): prune at epoch x of ONE overall schedule S over T epochs: pretrain
+PxFy (docs/science.md section 4): prune at epoch x of ONE overall schedule S over T epochs: pretrain
 with ``S.over(T)`` for x epochs, then retrain with ``S.offset(x)`` for T - x epochs;
 ``S.over(T).lr_at(e, total_epochs=x) == S.lr_at(e, total_epochs=T)`` and
 ``S.offset(x).lr_at(e, total_epochs=T - x) == S.lr_at(x + e, total_epochs=T)``: a cosine anneals
@@ -85,11 +85,6 @@ class Schedule:
     def text(self) -> str:
         """Canonical text; ``parse_schedule(s.text) == s``."""
         raise NotImplementedError
-
-    @property
-    def needs_total_epochs(self) -> bool:
-        """True when :meth:`lr_at` depends on ``total_epochs``."""
-        return False
 
     def first_stage_epochs(self, total_epochs: int) -> int:
         """Length in epochs of the first constant-LR stage (capped at ``total_epochs``).
@@ -231,10 +226,6 @@ class CosineSchedule(Schedule):
     def text(self):
         return f"cosine:{_fmt(self.lr0)}:{_fmt(self.lr_min)}"
 
-    @property
-    def needs_total_epochs(self):
-        return True
-
     def first_stage_epochs(self, total_epochs):
         return int(total_epochs)
 
@@ -262,10 +253,6 @@ class WarmupSchedule(Schedule):
     @property
     def text(self):
         return f"warmup:{self.epochs}+{self.inner.text}"
-
-    @property
-    def needs_total_epochs(self):
-        return self.inner.needs_total_epochs
 
     def first_stage_epochs(self, total_epochs):
         """That of the wrapped schedule (the warmup is part of the first stage)."""
@@ -300,10 +287,6 @@ class OffsetSchedule(Schedule):
     @property
     def text(self):
         return f"offset:{self.start}+{self.inner.text}"
-
-    @property
-    def needs_total_epochs(self):
-        return self.inner.needs_total_epochs
 
     def first_stage_epochs(self, total_epochs):
         n = self.inner.first_stage_epochs(int(total_epochs) + self.start) - self.start

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates docs/results/ (the CPU-scale reproduction of the paper's findings on digits).
+# Regenerates docs/results/ (the CPU-scale reproduction, on digits, of the findings in docs/science.md).
 #   bash launch/env.sh && DPRUNE=.venv/bin/dprune bash docs/results/reproduce.sh
 # Grid per model: L1 ratio {0.3,0.5,0.7,0.9} x retrain LR {0.01,0.001} x {L1, L1+OrthP, TPP} x 3
 # seeds, plus Scratch-E and Scratch-B (the pruned architecture trained from its constructor's init

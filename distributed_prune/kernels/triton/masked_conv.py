@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import interpreter_enabled
+from . import interpreter_enabled
 
 
 # ---------------------------------------------------------------------------------------------
