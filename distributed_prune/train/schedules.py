@@ -86,6 +86,11 @@ class Schedule:
         """Canonical text; ``parse_schedule(s.text) == s``."""
         raise NotImplementedError
 
+    @property
+    def needs_total_epochs(self) -> bool:
+        """True when :meth:`lr_at` depends on ``total_epochs`` (cosine, and wrappers of it)."""
+        return False
+
     def first_stage_epochs(self, total_epochs: int) -> int:
         """Length in epochs of the first constant-LR stage (capped at ``total_epochs``).
 
@@ -226,6 +231,10 @@ class CosineSchedule(Schedule):
     def text(self):
         return f"cosine:{_fmt(self.lr0)}:{_fmt(self.lr_min)}"
 
+    @property
+    def needs_total_epochs(self):
+        return True
+
     def first_stage_epochs(self, total_epochs):
         return int(total_epochs)
 
@@ -253,6 +262,10 @@ class WarmupSchedule(Schedule):
     @property
     def text(self):
         return f"warmup:{self.epochs}+{self.inner.text}"
+
+    @property
+    def needs_total_epochs(self):
+        return self.inner.needs_total_epochs
 
     def first_stage_epochs(self, total_epochs):
         """That of the wrapped schedule (the warmup is part of the first stage)."""
@@ -287,6 +300,10 @@ class OffsetSchedule(Schedule):
     @property
     def text(self):
         return f"offset:{self.start}+{self.inner.text}"
+
+    @property
+    def needs_total_epochs(self):
+        return self.inner.needs_total_epochs
 
     def first_stage_epochs(self, total_epochs):
         n = self.inner.first_stage_epochs(int(total_epochs) + self.start) - self.start
