@@ -37,6 +37,7 @@ def _check_ratios(v):
 class OutputCfg(_Section):
     dir: str = "runs/default"
     keep_checkpoints: int = Field(2, ge=1)   # per stage; older epoch checkpoints are deleted
+    verbose: bool = True                     # per-epoch / pruned / done lines on stdout
 
 
 class ModelCfg(_Section):
@@ -116,6 +117,8 @@ class RegCfg(_Section):
 
 
 class PruneCfg(_Section):
+    # the rows of prune.methods.METHODS (spelled out so loading a config needs no torch;
+    # tests/unit/test_methods.py keeps the two equal)
     method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "none"] = "l1"
     ratios: str = "0"
     pick: Literal["smallest", "largest", "random"] = "smallest"

@@ -30,9 +30,9 @@ import json
 import os
 import re
 import shlex
-import stat
 from pathlib import Path
 
+from . import fileio, rundir
 from .errors import UserError
 
 __all__ = ["expand", "run_name", "split_values", "cli_sweep"]
@@ -119,19 +119,11 @@ def run_name(overrides: dict[str, str]) -> str:
 
 
 def _is_complete(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") == "complete"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return rundir.is_complete(run_dir)
 
 
 def _write(path: Path, text: str, executable: bool = False) -> None:
-    """Atomic write (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    if executable:
-        tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    os.replace(tmp, path)
+    fileio.write_text(path, text, executable=executable)
 
 
 _SBATCH = """#!/bin/bash

@@ -21,13 +21,12 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .. import dtypes, flops, models, prune
+from .. import dtypes, fileio, flops, models, prune
 from ..cmdline import parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
@@ -133,7 +132,7 @@ def pruned_pair(model, ratios, num_classes: int | None = None, input_size=(3, 32
     before building its model) or an ``nn.Module`` (used as the dense model, e.g. a checkpoint's
     weights). The plan is ``prune.plan(dense, ratios, criterion, example_input=(1, *input_size),
     round_to)`` and the pruned model ``prune.apply(deepcopy(dense), plan, mode="physical")``: the
-    calls of ``pipeline._decide`` and of the pipeline's surgery step, with their defaults.
+    calls of ``prune.decide.decide`` and of the pipeline's surgery step, with their defaults.
     """
     if isinstance(model, str):
         torch.manual_seed(seed)
@@ -362,11 +361,7 @@ def emit(result: dict, table: str, *, as_json: bool, out: str | None):
     text = json.dumps(result)
     print(text if as_json else table, flush=True)
     if out:
-        p = Path(out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, p)
+        fileio.write_text(out, json.dumps(result, indent=1) + "\n")
 
 
 def md_table(header: list[str], rows: list[list]) -> str:

@@ -38,12 +38,12 @@ import contextlib
 import functools
 import os
 import time
-import uuid
 from unittest import mock
 from pathlib import Path
 
 import numpy as np
 
+from .. import fileio
 from ..cmdline import parse_image_size
 from ..errors import UserError
 
@@ -274,32 +274,32 @@ def write_dataset(dataset, out, *, mode: str = "smart", max_resolution=None,
     workers = int(num_workers or min(os.cpu_count() or 1, 8))
     workers = max(1, min(workers, (n + 99) // 100))  # FFCV hands out chunks of 100 samples
 
-    tmp = str(out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    errors = tmp + ".errors"
-    # FFCV's writer always shows a tqdm bar: hide it by swapping the name it calls.
-    quiet = contextlib.nullcontext() if progress else mock.patch.object(
-        ffcv.writer, "tqdm", functools.partial(ffcv.writer.tqdm, disable=True))
+    # FFCV's writer opens the file by name: write it under a temp name, renamed when complete
     start = time.perf_counter()
-    try:
-        guarded = _GuardedSamples(dataset, errors, page_size, max_resolution)
-        writer = DatasetWriter(tmp, _fields(mode, max_resolution, jpeg_quality,
-                                            compress_probability, smart_threshold),
-                               page_size=page_size, num_workers=workers)
-        with quiet:
-            writer.from_indexed_dataset(guarded)
-        if os.path.exists(errors):
-            with open(errors) as f:
-                bad = f.read().splitlines()
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise UserError(f"cannot write {out}: {bad[0]}{more}")
-        info = validate_beton(tmp)
-        if info["num_samples"] != n:
-            raise RuntimeError(f"FFCV wrote {info['num_samples']} samples, expected {n}")
-        os.replace(tmp, out)
-    finally:
-        for path in (tmp, errors):
-            if os.path.exists(path):
-                os.remove(path)
+    with fileio.atomic_path(out) as tmp_path:
+        tmp = str(tmp_path)
+        errors = tmp + ".errors"
+        # FFCV's writer always shows a tqdm bar: hide it by swapping the name it calls.
+        quiet = contextlib.nullcontext() if progress else mock.patch.object(
+            ffcv.writer, "tqdm", functools.partial(ffcv.writer.tqdm, disable=True))
+        try:
+            guarded = _GuardedSamples(dataset, errors, page_size, max_resolution)
+            writer = DatasetWriter(tmp, _fields(mode, max_resolution, jpeg_quality,
+                                                compress_probability, smart_threshold),
+                                   page_size=page_size, num_workers=workers)
+            with quiet:
+                writer.from_indexed_dataset(guarded)
+            if os.path.exists(errors):
+                with open(errors) as f:
+                    bad = f.read().splitlines()
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise UserError(f"cannot write {out}: {bad[0]}{more}")
+            info = validate_beton(tmp)
+            if info["num_samples"] != n:
+                raise RuntimeError(f"FFCV wrote {info['num_samples']} samples, expected {n}")
+        finally:
+            if os.path.exists(errors):
+                os.remove(errors)
     return {"path": str(out), "num_samples": n, "num_classes": info["num_classes"],
             "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 3),
             "mode": mode, "max_resolution": max_resolution, "jpeg_quality": int(jpeg_quality),

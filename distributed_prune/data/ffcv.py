@@ -1,5 +1,8 @@
 """FFCV loaders over ``.beton`` files (``data.format: ffcv``), shaped like torch DataLoaders.
 
+(Over 400 lines on purpose: the three pipelines and the loader adapter share the epoch and
+resolution state and the reused-buffer rule below.)
+
 ``build_ffcv_loaders(train_path, val_path, pipeline=..., ...)`` returns
 ``(train_loader, val_loader, DataInfo)``; iterating a loader yields ``(images, labels)``: images
 a float NCHW tensor (normalized; ``channels_last`` memory format for RGB pipelines by default),

@@ -10,6 +10,7 @@ Register a new model with::
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch.nn as nn
@@ -27,9 +28,6 @@ for _factory in (resnet20, resnet32, resnet56, resnet110, lenet5, mlp_7_linear, 
                  vgg19_c, vgg_tiny):
     MODELS.add(_factory.__name__, _factory)
 del _factory
-
-#: Old name of :data:`MODELS`, still read by pipeline.py; use MODELS.
-_REGISTRY = MODELS
 
 register = MODELS.register
 
@@ -52,3 +50,17 @@ def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     if name in torchvision_classifiers():
         return build_torchvision(name, num_classes=num_classes, **kwargs)
     raise UserError(f"model.name: unknown model {name!r} (see `dprune models` for the list)")
+
+
+def create_for_input(name: str, num_classes: int, input_shape, **kwargs) -> nn.Module:
+    """:func:`create` for samples of ``input_shape``: a registered factory that takes
+    ``in_features`` (1-D samples) or ``in_channels`` (C, H, W samples) gets it from the shape
+    unless ``kwargs`` sets it."""
+    fn = MODELS.get(name)
+    params = set(inspect.signature(fn).parameters) if fn else set()
+    kw = dict(kwargs)
+    if "in_features" in params and len(input_shape) == 1:
+        kw.setdefault("in_features", input_shape[0])
+    if "in_channels" in params and len(input_shape) == 3:
+        kw.setdefault("in_channels", input_shape[0])
+    return create(name, num_classes=num_classes, **kw)

@@ -1,5 +1,8 @@
 """DeepSpeed engine (``dist.engine=deepspeed``): the only module that imports deepspeed.
 
+(Over 400 lines on purpose: everything DeepSpeed-specific, config reconciliation, exact resume
+and its own checkpoint format, stays in this one module.)
+
     torchrun --nproc_per_node 8 -m distributed_prune run CONFIG dist.engine=deepspeed \
         dist.deepspeed_config=configs/deepspeed/zero1_bf16.json train.amp=bf16
     deepspeed --num_gpus 8 --no_local_rank --module distributed_prune run CONFIG dist.engine=deepspeed

@@ -1,5 +1,8 @@
 """Learning-rate schedules, written as text the way the paper's scripts write them.
 
+(Over 400 lines on purpose: the grammar, its parser and one small class per schedule kind
+change together.)
+
 Grammar accepted by :func:`parse_schedule` (whitespace is ignored)::
 
     0:0.01,60:0.001,90:0.0001     step dictionary: LR set at the START of each listed epoch,

@@ -22,11 +22,6 @@ LINK = re.compile(r"\]\(([^)\s#]+)")   # a markdown link target
 FOREIGN_DOCS = [name + ".md" for name in ("PAPER", "DESIGN", "ENV")] + [".." + "/shared"]
 MACHINE_PATHS = ["/" + d + "/" for d in ("work", "home", "tmp")]
 
-#: Files with references that the rewrite of pipeline.py and quickstart.py (issue 11, point 1)
-#: replaces; see test_pipeline_and_quickstart_cite_repository_documents.
-PENDING = {"distributed_prune/pipeline.py", "distributed_prune/quickstart.py"}
-
-
 def documents() -> list[Path]:
     files = [REPO / "README.md"]
     files += [p for p in sorted((REPO / "configs").rglob("*")) if p.is_file()]
@@ -96,13 +91,6 @@ def test_missing_paths_are_found(tmp_path):
 
 
 def test_no_foreign_documents_or_machine_paths():
-    bad = {f: hits for f in tracked_files() if f not in PENDING
+    bad = {f: hits for f in tracked_files()
            for hits in [mentions(f, FOREIGN_DOCS + MACHINE_PATHS)] if hits}
     assert not bad, bad
-
-
-@pytest.mark.xfail(strict=True, reason="issue 11 point 1: pipeline.py and quickstart.py still "
-                   "cite documents outside the repository; remove this marker once they do not")
-def test_pipeline_and_quickstart_cite_repository_documents():
-    bad = {f: mentions(f, FOREIGN_DOCS + MACHINE_PATHS) for f in sorted(PENDING)}
-    assert not any(bad.values()), bad

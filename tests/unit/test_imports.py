@@ -24,15 +24,11 @@ LAYERS: list[set[str]] = [
     {"models", "data", "kernels", "flops", "trainability", "checkpoint"},
     {"prune"},
     {"train", "eval"},
-    {"rundir", "config", "setups"},
+    {"rundir", "run_report", "config", "setups"},
     {"pipeline"},
     {"report", "sweep", "bench", "quickstart"},
     {"cli", "__main__"},
 ]
-
-#: Edges still to be removed by the rewrite of pipeline.py (issue 11, point 1); checked by
-#: ``test_pipeline_imports`` below, which is expected to fail until then.
-PIPELINE = "distributed_prune.pipeline"
 
 #: Private names that other modules still take, with why; any other private import fails
 #: ``test_no_private_names_across_modules``.
@@ -250,22 +246,9 @@ def test_the_walker_sees_the_package():
 
 
 def test_no_cycles_and_no_upward_imports():
-    edges = [e for e in imports(PACKAGE_DIR) if e.source != PIPELINE]
+    edges = imports(PACKAGE_DIR)
     problems = [f"cycle: {' <-> '.join(c)}" for c in cycles(edges)]
     problems += [f"upward import: {_describe(e)}" for e in upward(edges, LAYERS)]
-    assert not problems, "\n".join(problems)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 11 point 1: pipeline.py still imports report (a "
-                   "higher layer) inside a function and reads models._REGISTRY (use "
-                   "models.MODELS); remove this marker once it no longer does")
-def test_pipeline_imports():
-    edges = imports(PACKAGE_DIR)
-    mine = [e for e in edges if e.source == PIPELINE]
-    problems = [f"cycle: {' <-> '.join(c)}" for c in cycles(edges) if PIPELINE in c]
-    problems += [f"upward import: {_describe(e)}" for e in upward(mine, LAYERS)]
-    problems += [f"private name: {c} from {b}" for a, b, c in private_names(PACKAGE_DIR)
-                 if a == PIPELINE]
     assert not problems, "\n".join(problems)
 
 
@@ -277,7 +260,7 @@ def test_every_module_has_a_layer():
 
 def test_no_private_names_across_modules():
     found = private_names(PACKAGE_DIR)
-    found = {f for f in found if f[0] != PIPELINE} - set(KNOWN_PRIVATE)
+    found = found - set(KNOWN_PRIVATE)
     assert not found, "\n".join(f"{a} takes {c} from {b}" for a, b, c in sorted(found))
 
 
