@@ -53,7 +53,7 @@ from torch import nn
 
 from distributed_prune.errors import UserError
 
-__all__ = ["Target", "GReg", "TPP", "phase_iterations", "check_phase", "from_config"]
+__all__ = ["Target", "GReg", "TPP", "phase_iterations", "check_phase"]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EPS = 1e-9  # relative slack for float comparisons against the ceiling (1e-4 * 10000 == 1.0)
@@ -418,17 +418,3 @@ def check_phase(method: str, *, epochs: int, iters_per_epoch: int, reg_granulari
             f"{stabilize_interval}; set prune.epochs >= {-(-need // int(iters_per_epoch))}")
     return need
 
-
-def from_config(method: str, model: nn.Module, targets, reg) -> GReg | TPP:
-    """The regularizer of ``method`` ("greg" / "tpp") with the settings of a ``prune.reg``
-    config section ``reg`` (attributes named as in configs/base.yaml)."""
-    common = dict(reg_granularity=reg.granularity, reg_ceiling=reg.ceiling,
-                  update_reg_interval=reg.update_interval, stabilize_interval=reg.stabilize_interval)
-    if method == "greg":
-        return GReg(model, targets, mag_ratio_limit=reg.mag_ratio_limit,
-                    bn_reg=bool(reg.bn_reg), **common)
-    if method == "tpp":
-        return TPP(model, targets, lw_opp=reg.lw_opp, lw_opp_schedule=reg.lw_opp_schedule,
-                   weight_reg=reg.weight_reg, bn_reg=True if reg.bn_reg is None else reg.bn_reg,
-                   zero_out_interval=reg.zero_out_interval, **common)
-    raise ValueError(f"no regularizer for method {method!r}")

@@ -264,18 +264,21 @@ def test_check_phase_refuses_a_phase_too_short():
                     reg_ceiling=1.0, update_reg_interval=10, stabilize_interval=10000)
 
 
-def test_from_config_defaults_are_the_authors():
+
+def test_method_table_defaults_are_the_authors():
     from distributed_prune import config
-    from distributed_prune.prune.regularize import from_config
+    from distributed_prune.prune.methods import method
 
     r = config.Config().prune.reg
-    greg = from_config("greg", _net(), _targets(), r)
-    tpp = from_config("tpp", _net(), _targets(), r)
+    kw = dict(granularity=r.granularity, ceiling=r.ceiling, update_interval=r.update_interval,
+              stabilize_interval=r.stabilize_interval, lw_opp=r.lw_opp)
+    greg = method("greg").regularizer(_net(), _targets(), **kw)
+    tpp = method("tpp").regularizer(_net(), _targets(), **kw)
     assert (greg.update_reg_interval, greg.stabilize_interval, greg.mag_ratio_limit, greg.bn_reg) == \
         (5, 40000, 1000.0, False)
     assert (tpp.lw_opp, tpp.lw_opp_schedule, tpp.weight_reg, tpp.bn_reg, tpp.zero_out_interval) == \
         (1000.0, "reg", True, True, 100)
-    r2 = r.model_copy(update={"bn_reg": True, "mag_ratio_limit": None, "lw_opp_schedule": "constant"})
-    assert from_config("greg", _net(), _targets(), r2).bn_reg
-    assert from_config("greg", _net(), _targets(), r2).mag_ratio_limit is None
-    assert from_config("tpp", _net(), _targets(), r2).lw_opp_schedule == "constant"
+    opts = dict(bn_reg=True, mag_ratio_limit=None, lw_opp_schedule="constant")
+    g2 = method("greg").regularizer(_net(), _targets(), **kw, **opts)
+    assert g2.bn_reg and g2.mag_ratio_limit is None
+    assert method("tpp").regularizer(_net(), _targets(), **kw, **opts).lw_opp_schedule == "constant"
