@@ -51,6 +51,7 @@ for model in $MODELS; do
     $DPRUNE report "$OUT/$model/l1" "$OUT/$model/$(echo $other | sed 's/l1+//')" --cross "l1,$other" \
       --out docs/results/${model}_cross_l1_vs_${other}.md
   done
-  # SX-B: each Scratch-B run against the L1 run it derives from (same seed, ratio, LR 0.01 recipe)
+  # SX-A / SX-B: Scratch-E / Scratch-B against the L1 runs they derive from (same seeds and ratios)
+  $DPRUNE report "$OUT/$model/l1" "$OUT/$model/scratch_e" --out docs/results/${model}_sxa.md
   $DPRUNE report "$OUT/$model/l1" "$OUT/$model/scratch_b" --out docs/results/${model}_sxb.md
 done
