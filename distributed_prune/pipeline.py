@@ -9,6 +9,9 @@ The work is done by the modules each stage calls: :mod:`.data` (loaders), :mod:`
 :mod:`.rundir` (files, metrics, checkpoints, resume) and :mod:`.report`. This module turns the
 config into their arguments and keeps what the stages share (the record of results, the plan).
 
+Over 400 lines on purpose: the stages share one record (results, K1, the regularization phase's
+progress) that every checkpoint carries, and reading them in one place is the point.
+
 Every stage checkpoints atomically each epoch; re-running into the same ``output.dir`` (or
 ``resume=true``) continues from the newest readable checkpoint, with every epoch logged once.
 """
