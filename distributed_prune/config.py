@@ -114,6 +114,9 @@ class StageCfg(_Section):
 
 class PretrainCfg(StageCfg):
     checkpoint: Optional[str] = None          # load this base model instead of pretraining
+    # K1 for Scratch-E/B: the epochs that trained the checkpoint's base model, when the checkpoint
+    # does not record them (bases written by `dprune run` do; torchvision weight files do not)
+    base_epochs: Optional[float] = Field(None, ge=0)
 
 
 class RetrainCfg(StageCfg):
@@ -123,11 +126,17 @@ class RetrainCfg(StageCfg):
 
 
 class RegCfg(_Section):
-    granularity: float = Field(1e-4, gt=0)
-    ceiling: float = Field(1.0, gt=0)
-    update_interval: int = Field(5, ge=1)
-    stabilize_interval: int = Field(10000, ge=0)
-    lw_opp: float = 1000.0
+    """GReg / TPP settings; defaults are the authors' (docs/science.md section 10 names them)."""
+    granularity: float = Field(1e-4, gt=0)            # reg_granularity_prune
+    ceiling: float = Field(1.0, gt=0)                 # reg_upper_limit
+    update_interval: int = Field(5, ge=1)             # update_reg_interval (iterations)
+    stabilize_interval: int = Field(40000, ge=0)      # stabilize_reg_interval (iterations)
+    lw_opp: float = Field(1000.0, ge=0)               # TPP Gram-loss weight
+    lw_opp_schedule: Literal["reg", "constant"] = "reg"  # TPP: weight lw_opp * reg (authors) or lw_opp
+    zero_out_interval: int = Field(100, ge=0)         # TPP layer-wise zeroing in stabilization (0: off)
+    weight_reg: bool = True                           # TPP: L2 on the pruned filters' weight and bias
+    bn_reg: Optional[bool] = None                     # L2 on the following BN (default: TPP yes, GReg no)
+    mag_ratio_limit: Optional[float] = Field(1000.0, gt=0)  # GReg: stop growing at this kept/pruned ratio
 
 
 class MaskedCfg(_Section):
@@ -152,8 +161,8 @@ class PruneCfg(_Section):
     taylor_batches: int = Field(4, ge=1)
     iterative_steps: int = Field(1, ge=1)     # prune/retrain cycles reaching the ratio geometrically
     iterative_epochs: int = Field(0, ge=0)    # retrain epochs between intermediate steps
-    epochs: int = Field(0, ge=0)              # greg/tpp/gradual/soft phase, in epochs
-    lr_schedule: Optional[str] = None         # that phase's LR (default: retrain's first LR)
+    epochs: int = Field(0, ge=0)              # greg/tpp (a cap: the phase ends when done) / gradual / soft phase, in epochs
+    lr_schedule: str = "0:0.001"              # that phase's LR (default: the authors' lr_prune 0.001)
     reg: RegCfg = RegCfg()
     masked: MaskedCfg = MaskedCfg()
 
@@ -162,7 +171,7 @@ class PruneCfg(_Section):
     @field_validator("lr_schedule", mode="before")
     @classmethod
     def _s(cls, v):
-        return None if v is None else _check_schedule(v)
+        return "0:0.001" if v is None else _check_schedule(v)
 
 
 class PxFyCfg(_Section):
@@ -287,8 +296,13 @@ class Config(_Section):
         return f"{m} {self.effective_retrain()[1]}"
 
     def effective_pretrain(self) -> tuple[int, str]:
+        """(epochs, schedule text) of the pretraining stage, PxFy applied: the first x epochs of
+        the overall schedule laid over all T epochs (a cosine anneals over the whole run)."""
         if self.pxfy.total_epochs:
-            return self.pxfy.prune_at, self.pxfy.lr_schedule
+            from .train.schedules import parse_schedule
+
+            s = parse_schedule(self.pxfy.lr_schedule).over(self.pxfy.total_epochs)
+            return self.pxfy.prune_at, s.text
         return self.pretrain.epochs, self.pretrain.lr_schedule
 
     def effective_retrain(self) -> tuple[int, str]:

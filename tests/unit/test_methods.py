@@ -11,7 +11,7 @@ from distributed_prune.prune import importance
 from distributed_prune.prune.methods import METHODS, Phase, method, targets
 from distributed_prune.prune.regularize import TPP, GReg
 
-REG = dict(granularity=1e-4, ceiling=1.0, update_interval=5, stabilize_interval=10, lw_opp=1000.0)
+REG = dict(granularity=1e-4, ceiling=1.0, update_interval=5, stabilize_interval=400, lw_opp=1000.0)
 
 
 def test_table_covers_exactly_the_configurable_methods():

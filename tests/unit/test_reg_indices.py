@@ -32,16 +32,20 @@ def test_index_tensors_are_built_once(monkeypatch):
     calls = []
     real = torch.as_tensor
     monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
-    tpp = TPP(model, TARGETS, update_reg_interval=1)
+    tpp = TPP(model, TARGETS, update_reg_interval=1, stabilize_interval=0, zero_out_interval=0)
     greg = GReg(model, TARGETS, update_reg_interval=1)
+    after = []
     for it in range(5):
-        tpp.step(it)
-        greg.step(it)
+        tpp.step(it, model)
+        greg.step(it, model)
         model.zero_grad()
         tpp.loss(model).backward()
+        tpp.apply_(model)
         greg.apply_(model)
-    # (pruned, kept) per target, once per regularizer - not once per step
-    assert len(calls) == 2 * 2 * len(TARGETS)
+        after.append(len(calls))
+    # one index tensor per target and regularizer, built at the first step, never again
+    assert after[0] == 2 * len(TARGETS)
+    assert after == [after[0]] * 5
 
 
 def test_tpp_loss_and_gradient_equal_the_boolean_mask_formula():
@@ -49,8 +53,8 @@ def test_tpp_loss_and_gradient_equal_the_boolean_mask_formula():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    tpp = TPP(model, TARGETS, lw_opp=1000.0)
-    tpp.step(0)                                    # reg = 0: only the Gram term
+    tpp = TPP(model, TARGETS, lw_opp=1000.0, lw_opp_schedule="constant")
+    tpp.step(0, model)                             # constant weight: lw_opp * Gram term
     got = tpp.loss(model)
     g_got = torch.autograd.grad(got, [model[0].weight, model[3].weight])
     want = _tpp_by_boolean_mask(model, 1000.0)
@@ -64,11 +68,11 @@ def test_tpp_loss_and_gradient_equal_the_boolean_mask_formula():
 def test_steps_do_not_synchronise_on_gpu():
     """GReg / TPP steps with ``set_sync_debug_mode("error")``: any host synchronisation raises."""
     model = _net().cuda()
-    tpp = TPP(model, TARGETS, update_reg_interval=1)
+    tpp = TPP(model, TARGETS, update_reg_interval=1, stabilize_interval=0, zero_out_interval=0)
     greg = GReg(model, TARGETS, update_reg_interval=1)
     x = torch.randn(4, 3, 8, 8, device="cuda")
     for reg in (tpp, greg):                  # first call builds the index tensors (host -> device)
-        reg.step(1)
+        reg.step(1, model)
         model.zero_grad()
         (model(x).square().mean() + tpp.loss(model)).backward()
         greg.apply_(model)
@@ -76,8 +80,8 @@ def test_steps_do_not_synchronise_on_gpu():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for it in range(2, 4):
-            tpp.step(it)
-            greg.step(it)
+            tpp.step(it, model)
+            greg.step(it, model)
             model.zero_grad()
             (model(x).square().mean() + tpp.loss(model)).backward()
             greg.apply_(model)
