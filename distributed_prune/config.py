@@ -4,6 +4,9 @@ Unknown keys, wrong types and bad values (ratio spec, LR schedule, model name) a
 :class:`UserError` naming the dotted key; nothing is created before the config validates.
 The resolved config is saved as ``config.yaml`` in every run directory.
 
+Over 400 lines on purpose: every section of the config is declared here, with its defaults and
+validators, so that one file answers "which keys exist and what do they accept".
+
     dprune config show configs/debug_cpu.yaml retrain.epochs=3 prune.ratios="[0,0.5,0.5,0.5,0]"
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The steps of ``dprune bench gpu`` (each runs in its own process; see :mod:`.gpu`).
 
-This file is over 400 lines on purpose: one step per function, all of them sized by the same
+Over 400 lines on purpose: one step per function, all of them sized by the same
 :data:`SIZES` table, reads better in one place than split into eight modules.
 
 Every step takes the settings dict (``device``, ``size``, ``out``, ``limit_s``) and returns

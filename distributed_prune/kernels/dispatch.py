@@ -1,5 +1,8 @@
 """Backend selection for the kernels: ``reference``, ``gather``, ``triton``, ``native``.
 
+Over 400 lines on purpose: the backend rule, the tuning table, the demotion after a failure and
+the two public ops that use them belong together (one place decides what runs).
+
 Backends of ``masked_conv2d``:
 
 * ``reference``: dense convolution with masked weights (ground truth; cost of the dense layer).

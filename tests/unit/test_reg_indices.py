@@ -32,7 +32,8 @@ def test_index_tensors_are_built_once(monkeypatch):
     calls = []
     real = torch.as_tensor
     monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
-    tpp = TPP(model, TARGETS, update_reg_interval=1, stabilize_interval=0, zero_out_interval=0)
+    tpp = TPP(model, TARGETS, update_reg_interval=1, stabilize_interval=0, zero_out_interval=0,
+              lw_opp_schedule="constant")
     greg = GReg(model, TARGETS, update_reg_interval=1)
     after = []
     for it in range(5):
@@ -68,7 +69,8 @@ def test_tpp_loss_and_gradient_equal_the_boolean_mask_formula():
 def test_steps_do_not_synchronise_on_gpu():
     """GReg / TPP steps with ``set_sync_debug_mode("error")``: any host synchronisation raises."""
     model = _net().cuda()
-    tpp = TPP(model, TARGETS, update_reg_interval=1, stabilize_interval=0, zero_out_interval=0)
+    tpp = TPP(model, TARGETS, update_reg_interval=1, stabilize_interval=0, zero_out_interval=0,
+              lw_opp_schedule="constant")
     greg = GReg(model, TARGETS, update_reg_interval=1)
     x = torch.randn(4, 3, 8, 8, device="cuda")
     for reg in (tpp, greg):                  # first call builds the index tensors (host -> device)
