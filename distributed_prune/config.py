@@ -215,9 +215,65 @@ class Config(_Section):
         return self.retrain.epochs, self.retrain.lr_schedule
 
 
-# --- YAML without YAML 1.1's sexagesimal numbers ("0:0.1" must stay a string) -------------
+# --- YAML: no YAML 1.1 sexagesimal numbers ("0:0.1" must stay a string), no duplicate keys,
+# and a bound on what aliases may expand to (an "alias bomb", anchors nested a few levels deep,
+# is a few hundred bytes that expand to billions of values and hang whatever walks them).
+MAX_EXPANDED_NODES = 10_000  # a full config is ~150 values; aliases may not expand it beyond this
+MAX_CONFIG_BYTES = 1 << 20
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader that counts, for every node, how many values it stands for once its aliases
+    are expanded (linear time: each node is counted once, when it is composed), refuses
+    recursive aliases and documents beyond :data:`MAX_EXPANDED_NODES`, and refuses a mapping
+    that repeats a key (YAML forbids it; PyYAML keeps the last one silently)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._size: dict[int, int] = {}
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._size:  # alias inside its own anchor
+                raise _StrictError(f"alias *{event.anchor} refers to the node that contains it",
+                                   event.start_mark)
+            return super().compose_node(parent, index)
+        node = super().compose_node(parent, index)
+        if isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._size[id(c)] for c in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._size[id(k)] + self._size[id(v)] for k, v in node.value)
+        else:
+            size = 1
+        if size > MAX_EXPANDED_NODES:
+            raise _StrictError(f"aliases expand this value to {size} or more values (at most "
+                               f"{MAX_EXPANDED_NODES} allowed)", node.start_mark)
+        self._size[id(node)] = size
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # merge keys ("<<") may repeat what they merge; explicit keys win
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: PyYAML reports it below
+                    continue
+                if first is not None:
+                    raise _StrictError(f"duplicate key {key!r} (first on line {first.start_mark.line + 1})",
+                                       key_node.start_mark)
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+class _StrictError(yaml.MarkedYAMLError):
+    def __init__(self, problem, mark):
+        super().__init__(problem=problem, problem_mark=mark)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -231,53 +287,112 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
+def yaml_error_line(source: str, e: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``<source>, line N: <problem>``."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f", line {mark.line + 1}" if mark is not None else ""
+    if isinstance(e, yaml.reader.ReaderError):  # a control character, e.g. a binary file
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        return f"{source}: not a text file (control character 0x{code:02x} at offset {e.position})"
+    return f"{source}{where}: {problem if isinstance(e, _StrictError) else 'invalid YAML (' + problem + ')'}"
 
 
-def _set(d: dict, dotted: str, value):
+def yaml_load(text: str, source: str | None = None):
+    """Parse config YAML (see :class:`_Loader`). With ``source`` (e.g. "config file x.yaml") errors
+    are a :class:`UserError` naming it and the line; without, ``yaml.YAMLError`` propagates."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        if source is None:
+            raise
+        raise UserError(yaml_error_line(source, e)) from None
+
+
+def read_yaml_file(path: str | Path, what: str = "config file"):
+    """Load a YAML file as :func:`yaml_load` does; missing, unreadable, oversized, binary or
+    non-UTF-8 files and YAML errors are one :class:`UserError` naming the file (and line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {p}: not found" + (" (a directory)" if p.is_dir() else ""))
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{what} {p}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"{what} {p}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    return yaml_load(text, source=f"{what} {p}")
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _set(d: dict, dotted: str, value, what: str = "config"):
     keys = dotted.split(".")
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         nxt = d.setdefault(k, {})
         if not isinstance(nxt, dict):
-            raise UserError(f"config: {'.'.join(keys[:keys.index(k) + 1])} is not a section")
+            raise UserError(f"{what}: {'.'.join(keys[:i + 1])} is not a section (it holds {nxt!r})")
         d = nxt
     d[keys[-1]] = value
 
 
+def _prefixed(msg: str) -> str:
+    return msg if msg.startswith("config") else f"config: {msg}"
+
+
 def _one_line(e: ValidationError) -> str:
     err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "config"
+    key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"config: unknown key {key!r}"
-    msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{key}: ")
+    msg = err["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections (its message names the keys)
+        return _prefixed(msg)
+    msg = msg.removeprefix(f"{key}: ")
     inp = err.get("input")
-    shown = f" (got {inp!r})" if not isinstance(inp, dict) and inp is not None and len(repr(inp)) < 80 else ""
+    shown = (f" (got {inp!r})" if not isinstance(inp, dict) and inp is not None and len(repr(inp)) < 80
+             and repr(inp) not in msg else "")
     return f"config: {key}: {msg}{shown}"
+
+
+def parse_override(ov: str) -> tuple[str, object]:
+    """``key=value`` -> (dotted key, YAML value; the raw text when it is not YAML, None when empty)."""
+    key, eq, raw = ov.partition("=")
+    key = key.strip()
+    if not eq:
+        raise UserError(f"override {ov!r}: expected key=value")
+    if not _KEY.fullmatch(key):
+        raise UserError(f"override {ov!r}: expected a dotted config key before '=' like retrain.epochs=3"
+                        + (" (the key is empty)" if not key else ""))
+    if raw == "":
+        return key, None
+    try:
+        return key, yaml_load(raw)
+    except _StrictError as e:  # duplicate keys or an alias bomb inside the value
+        raise UserError(f"override {key}: {e.problem}") from None
+    except yaml.YAMLError:  # not YAML: the text itself (e.g. "a: b" stays a string)
+        return key, raw
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load YAML ``path`` (or defaults), apply ``key=value`` overrides, validate."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p}: not found")
-        try:
-            data = yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        data = read_yaml_file(path)
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise UserError(f"config file {p}: top level must be a mapping")
+            raise UserError(f"config file {path}: top level must be a mapping of config keys, "
+                            f"got a {type(data).__name__}")
     for ov in overrides:
-        if "=" not in ov:
-            raise UserError(f"override {ov!r}: expected key=value")
-        key, raw = ov.split("=", 1)
-        try:
-            value = yaml_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        _set(data, key.strip(), value)
+        key, value = parse_override(ov)
+        _set(data, key, value, what=f"override {ov!r}")
     return from_dict(data)
 
 
@@ -286,16 +401,23 @@ def from_dict(data: dict) -> Config:
         return Config.model_validate(data)
     except ValidationError as e:
         raise UserError(_one_line(e)) from None
-    except UserError as e:  # raised inside a validator (ratio or schedule parser)
-        raise UserError(f"config: {e}") from None
+    except UserError as e:  # raised outside pydantic's wrapping (it turns ValueErrors into the above)
+        raise UserError(_prefixed(str(e))) from None
 
 
 def to_dict(cfg: Config) -> dict:
     return cfg.model_dump(mode="json")
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes shared objects out in full: config.yaml never holds an anchor or alias."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def dump(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=_NoAliasDumper, sort_keys=False)
 
 
 def cli_show(args) -> int:
