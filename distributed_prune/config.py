@@ -8,6 +8,7 @@ The resolved config is saved as ``config.yaml`` in every run directory.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -19,7 +20,9 @@ from .errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float of the config means a finite number (".nan" / ".inf" in
+    # YAML would otherwise pass validation and surface epochs later as a NaN loss).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_schedule(v):
@@ -31,17 +34,55 @@ def _check_schedule(v):
 def _check_ratios(v):
     from .prune.ratios import parse
 
+    bad = _non_finite(v, "prune.ratios")
+    if bad:  # a YAML list with .nan / .inf: say so (the parser would only say it cannot read it)
+        raise ValueError(f"{bad}: must be a finite number")
     return parse(v).text
+
+
+def _check_path(v, key: str, empty_ok: bool = True):
+    if v is None and empty_ok:
+        return v
+    if not empty_ok and (v is None or isinstance(v, str) and not v.strip()):
+        raise ValueError(f"must not be empty (it would put the run into the current directory); "
+                         f"give a directory like {key}=runs/my_run")
+    if not isinstance(v, str):
+        raise ValueError(f"expected a path (a string), got {v!r}")
+    if "\0" in v:
+        raise ValueError("a path cannot contain a NUL character")
+    return v
+
+
+def _non_finite(value, key: str):
+    """The dotted key of the first NaN/inf float inside ``value`` (nested dicts/lists), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{key}.{k}")
+        if bad:
+            return bad
+    return None
+
+
+# Seeds are added to (seed + epoch, seed + 7919 * rank, ...) before they reach torch and numpy
+# generators, which take 64-bit integers; 32 bits leaves room for every offset.
+MAX_SEED = 2**32 - 1
 
 
 class OutputCfg(_Section):
     dir: str = "runs/default"
     keep_checkpoints: int = Field(2, ge=1)   # per stage; older epoch checkpoints are deleted
 
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _dir(cls, v):
+        return _check_path(v, "output.dir", empty_ok=False)
+
 
 class ModelCfg(_Section):
     name: str = "resnet56"
-    num_classes: Optional[int] = None        # default: from the dataset
+    num_classes: Optional[int] = Field(None, ge=1)  # default: from the dataset
     kwargs: dict = {}                         # extra factory arguments (e.g. in_features)
     activation: Literal["relu", "linear"] = "relu"  # gain used by OrthP
 
@@ -54,13 +95,25 @@ class ModelCfg(_Section):
             raise ValueError(f"unknown model {v!r} (see `dprune models`)")
         return v
 
+    @model_validator(mode="after")
+    def _kwargs(self):
+        # checked here, against the factory's signature, so a typo is refused before any run
+        # directory exists (and before every point of a sweep starts)
+        from .models import check_kwargs
+
+        bad = _non_finite(self.kwargs, "model.kwargs")
+        if bad:
+            raise ValueError(f"{bad}: must be a finite number")
+        check_kwargs(self.name, self.kwargs)
+        return self
+
 
 class DataCfg(_Section):
     name: Literal["digits", "synthetic", "cifar10", "cifar100", "mnist", "imagenet", "imagefolder"] = "digits"
     format: Literal["torchvision", "ffcv"] = "torchvision"
     train_path: Optional[str] = None
     val_path: Optional[str] = None
-    input_size: Optional[int] = None
+    input_size: Optional[int] = Field(None, ge=1)
     flatten: Optional[bool] = None            # default: True for MLPs
     batch_size: int = Field(128, ge=1)        # per optimizer step, global (split over ranks)
     val_batch_size: int = Field(256, ge=1)
@@ -70,17 +123,22 @@ class DataCfg(_Section):
     # FFCV options
     ffcv_pipeline: Optional[Literal["imagenet", "cifar", "digits"]] = None
     os_cache: Optional[bool] = None
-    res_start: Optional[int] = None           # progressive resizing (FFCV)
-    res_end: Optional[int] = None
-    res_start_epoch: int = 0
-    res_end_epoch: int = 0
+    res_start: Optional[int] = Field(None, ge=1)   # progressive resizing (FFCV)
+    res_end: Optional[int] = Field(None, ge=1)
+    res_start_epoch: int = Field(0, ge=0)
+    res_end_epoch: int = Field(0, ge=0)
+
+    @field_validator("train_path", "val_path", mode="before")
+    @classmethod
+    def _paths(cls, v, info):
+        return _check_path(v, f"data.{info.field_name}")
 
 
 class StageCfg(_Section):
     epochs: int = Field(0, ge=0)
     lr_schedule: str = "0:0.1"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -90,6 +148,17 @@ class StageCfg(_Section):
 
 class PretrainCfg(StageCfg):
     checkpoint: Optional[str] = None          # load this base model instead of pretraining
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _ckpt(cls, v):
+        _check_path(v, "pretrain.checkpoint")
+        if v is not None:
+            try:  # "{seed}" is filled in per run (one base per seed); no other placeholder is
+                v.format(seed=0)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"only {{seed}} may appear in braces ({type(e).__name__}: {e})") from None
+        return v
 
 
 class RetrainCfg(StageCfg):
@@ -157,6 +226,11 @@ class DistCfg(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     sync_bn: bool = False
     deepspeed_config: Optional[str] = None
+
+    @field_validator("deepspeed_config", mode="before")
+    @classmethod
+    def _ds(cls, v):
+        return _check_path(v, "dist.deepspeed_config")
     bucket_cap_mb: int = Field(25, ge=1)
     static_graph: bool = False
 
@@ -169,7 +243,7 @@ class TrainabilityCfg(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     name: Optional[str] = None                # label used by reports (default: method + schedule)
     resume: Union[bool, Literal["auto"]] = "auto"
     output: OutputCfg = OutputCfg()
@@ -355,6 +429,8 @@ def _one_line(e: ValidationError) -> str:
     if not key:  # a check across sections (its message names the keys)
         return _prefixed(msg)
     msg = msg.removeprefix(f"{key}: ")
+    if msg.startswith(f"{key}."):  # the validator named a key inside this one (model.kwargs.x)
+        return f"config: {msg}"
     inp = err.get("input")
     shown = (f" (got {inp!r})" if not isinstance(inp, dict) and inp is not None and len(repr(inp)) < 80
              and repr(inp) not in msg else "")
