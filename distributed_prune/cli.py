@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .errors import UserError
@@ -26,6 +27,9 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+MAX_INPUT_ELEMENTS = 1 << 27  # one sample of 512 MiB in fp32: far beyond any real input
+
+
 def parse_input_size(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(v) for v in text.split(","))
@@ -33,7 +37,16 @@ def parse_input_size(text: str) -> tuple[int, ...]:
         raise UserError(f"--input-size: expected comma-separated integers like 3,32,32, got {text!r}") from None
     if not dims or any(d <= 0 for d in dims):
         raise UserError(f"--input-size: dimensions must be positive, got {text!r}")
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise UserError(f"--input-size {text}: {math.prod(dims)} values per sample, more than "
+                        f"{MAX_INPUT_ELEMENTS} (a typo?)")
     return dims
+
+
+def check_at_least(option: str, value, least: int = 1) -> None:
+    """``--option`` must be an integer >= ``least`` (argparse only checks that it is an integer)."""
+    if value is not None and value < least:
+        raise UserError(f"{option}: must be >= {least}, got {value}")
 
 
 def cmd_plan(args) -> int:
@@ -43,8 +56,14 @@ def cmd_plan(args) -> int:
 
     from . import flops, models, prune
 
-    net = models.create(args.model, num_classes=args.num_classes)
+    check_at_least("--num-classes", args.num_classes)
+    check_at_least("--round-to", args.round_to)
     x = torch.zeros(1, *parse_input_size(args.input_size))
+    try:
+        net = models.create(args.model, num_classes=args.num_classes)
+    except (RuntimeError, OverflowError, TypeError) as e:  # e.g. a classifier too large to allocate
+        raise UserError(f"--model {args.model} --num-classes {args.num_classes}: the model cannot be "
+                        f"built ({str(e).splitlines()[0][:200]})") from None
     try:
         dense = flops.count(net, x)
     except RuntimeError as e:

@@ -456,20 +456,29 @@ def parse_override(ov: str) -> tuple[str, object]:
         return key, raw
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load YAML ``path`` (or defaults), apply ``key=value`` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        data = read_yaml_file(path)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path}: top level must be a mapping of config keys, "
-                            f"got a {type(data).__name__}")
+def read_config_file(path: str | Path) -> dict:
+    """The YAML mapping of config file ``path`` (unvalidated); bad files are one UserError."""
+    data = read_yaml_file(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: top level must be a mapping of config keys, "
+                        f"got a {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set every ``key=value`` of ``overrides`` in the nested dict ``data`` (in place); returns it."""
     for ov in overrides:
         key, value = parse_override(ov)
         _set(data, key, value, what=f"override {ov!r}")
-    return from_dict(data)
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML ``path`` (or defaults), apply ``key=value`` overrides, validate."""
+    data = read_config_file(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides))
 
 
 def from_dict(data: dict) -> Config:
