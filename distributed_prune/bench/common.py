@@ -50,8 +50,30 @@ def add_common_arguments(p) -> None:
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
 
 
+def check_seed_and_out(args) -> None:
+    """``--seed`` within what torch's generators take (with room for offsets); ``--out`` a file
+    name that can be written. Checked up front: a benchmark must not run for minutes and then
+    fail to save its result."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed: must lie in 0..{MAX_SEED}, got {args.seed}")
+    if args.out is None:
+        return
+    out = Path(args.out)
+    if not str(args.out).strip() or "\0" in str(args.out) or out.is_dir():
+        raise UserError(f"--out {args.out!r}: expected a file name for the JSON results")
+    for parent in out.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {args.out}: {parent} is not a directory")
+            break
+
+
+MAX_SEED = 2**32 - 1
+
+
 def base_settings(args) -> dict:
     """Settings every model benchmark resolves the same way (device-dependent defaults)."""
+    check_seed_and_out(args)
     device = device_and_threads(args)
     gpu = device.type == "cuda"
     d = defaults(args.model, device)
