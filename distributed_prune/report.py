@@ -80,6 +80,31 @@ def _run_dirs(d: Path) -> list[Path]:
     return subs
 
 
+_SECTIONS = ("dense", "pruned", "final", "setup")  # summary.json keys whose values are objects
+
+
+def _check_shape(summary: dict, path: Path) -> None:
+    """The sections a report reads must be JSON objects (a hand-edited or foreign file)."""
+    for key in _SECTIONS:
+        if summary.get(key) is not None and not isinstance(summary[key], dict):
+            raise UserError(f"{path}: {key!r} must be a JSON object, got {type(summary[key]).__name__}")
+
+
+def check_output_path(option: str, path) -> None:
+    """``--out`` / ``--plot``: a file name whose nearest existing ancestor is a directory.
+    Checked before any file is written, so a bad second path never leaves the first one behind."""
+    if path is None:
+        return
+    p = Path(path)
+    if not str(path).strip() or "\0" in str(path) or p.is_dir():
+        raise UserError(f"{option} {str(path)!r}: expected a file name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is not a directory")
+            break
+
+
 def load_runs(dirs: Iterable[str | os.PathLike]) -> list[dict]:
     """summary.json of each run directory, plus ``dir`` and ``metrics`` (metrics.jsonl rows).
 
@@ -90,6 +115,7 @@ def load_runs(dirs: Iterable[str | os.PathLike]) -> list[dict]:
     for d in dirs:
         for rd in _run_dirs(Path(d)):
             summary = _read_json(rd / "summary.json")
+            _check_shape(summary, rd / "summary.json")
             if summary.get("status", "complete") != "complete":
                 log.warning("skipping incomplete run %s (status %s)", rd, summary.get("status"))
                 continue
@@ -496,6 +522,8 @@ def cli_report(args) -> int:
     ``reason``, ``fair``, ``rows``, ``paper_table``, ``scratch_budgets``, ``cross_validation``,
     ``details``); ``--out`` writes the markdown atomically, ``--plot`` a PNG of accuracy vs speedup.
     """
+    check_output_path("--out", getattr(args, "out", None))
+    check_output_path("--plot", getattr(args, "plot", None))
     runs = load_runs(args.runs)
     if not runs:
         raise UserError(f"no complete runs in {' '.join(map(str, args.runs))}")

@@ -362,6 +362,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out!r}: expected a .beton file name")
     if Path(out).is_dir():
         raise UserError(f"--out {out}: is a directory; give a file name like {Path(out) / 'train.beton'}")
+    if not Path(out).parent.is_dir():
+        raise UserError(f"--out {out}: directory {Path(out).parent} does not exist")
     for opt, value in (("--num-samples", args.num_samples), ("--max-resolution", args.max_resolution),
                        ("--num-workers", args.num_workers)):
         if value is not None and value < 1:
