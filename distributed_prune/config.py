@@ -1,7 +1,10 @@
 """One typed config: YAML file + dotted ``key=value`` overrides, validated by pydantic.
 
-Unknown keys, wrong types and bad values (ratio spec, LR schedule, model name) are a
-:class:`UserError` naming the dotted key; nothing is created before the config validates.
+Unknown keys, wrong types and bad values (ratio spec, LR schedule, model name, NaN/inf, a
+``model.kwargs`` argument the model factory does not take) are a :class:`UserError` naming the
+dotted key; nothing is created before the config validates. Config files must be UTF-8 YAML
+with no repeated key; aliases may expand a document to at most :data:`MAX_EXPANDED_NODES`
+values (a few nested anchors could otherwise stand for billions). Errors name file and line.
 The resolved config is saved as ``config.yaml`` in every run directory.
 
     dprune config show configs/debug_cpu.yaml retrain.epochs=3 prune.ratios="[0,0.5,0.5,0.5,0]"
