@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "models", "prune", "kernels", "train", "data", "flops", "trainability", "config",
-    "pipeline", "dist", "checkpoint", "report", "setups", "eval", "bench",
+    "pipeline", "rundir", "dist", "checkpoint", "report", "setups", "eval", "bench",
 )
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from . import fileio
 from .errors import UserError
 
 
@@ -26,21 +26,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``:
-    a reader sees the old file or the complete new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` through :func:`distributed_prune.fileio.write_with` (temp file, fsync,
+    rename): a reader sees the old file or the complete new one, never a partial write."""
+    return fileio.write_with(path, lambda f: torch.save(obj, f))
 
 
 def save(path, model: nn.Module, *, plan=None, config: dict | None = None, **extra) -> Path:

@@ -16,37 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
+from .cmdline import ArgumentParser, check_at_least, parse_input_size, run
 from .errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default prints the usage too)
-        raise UserError(f"{self.prog}: {message}")
-
-
-MAX_INPUT_ELEMENTS = 1 << 27  # one sample of 512 MiB in fp32: far beyond any real input
-
-
-def parse_input_size(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--input-size: expected comma-separated integers like 3,32,32, got {text!r}") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise UserError(f"--input-size: dimensions must be positive, got {text!r}")
-    if math.prod(dims) > MAX_INPUT_ELEMENTS:
-        raise UserError(f"--input-size {text}: {math.prod(dims)} values per sample, more than "
-                        f"{MAX_INPUT_ELEMENTS} (a typo?)")
-    return dims
-
-
-def check_at_least(option: str, value, least: int = 1) -> None:
-    """``--option`` must be an integer >= ``least`` (argparse only checks that it is an integer)."""
-    if value is not None and value < least:
-        raise UserError(f"{option}: must be >= {least}, got {value}")
 
 
 def cmd_plan(args) -> int:
@@ -128,8 +101,8 @@ def _passthrough(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dprune", description="Fair, fast, large-scale filter pruning.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = ArgumentParser(prog="dprune", description="Fair, fast, large-scale filter pruning.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     s = sub.add_parser("plan", help="per-layer kept channels, MACs, params and speedup")
     s.add_argument("--model", required=True)
@@ -175,21 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_lazy("sweep", "cli_sweep"))
 
     s = sub.add_parser("config", help="show the resolved config")
-    csub = s.add_subparsers(dest="config_cmd", required=True, parser_class=_Parser)
+    csub = s.add_subparsers(dest="config_cmd", required=True, parser_class=ArgumentParser)
     c = csub.add_parser("show")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(func=_lazy("config", "cli_show"))
 
     s = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
-    bsub = s.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bsub = s.add_subparsers(dest="bench", required=True, parser_class=ArgumentParser)
     for name in BENCHES:
         b = bsub.add_parser(name, add_help=False)
         b.add_argument("rest", nargs=argparse.REMAINDER)
         b.set_defaults(func=_passthrough(f"bench.{name}"))
 
     s = sub.add_parser("data", help="datasets")
-    dsub = s.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
+    dsub = s.add_subparsers(dest="data_cmd", required=True, parser_class=ArgumentParser)
     w = dsub.add_parser("write-beton", help="write an FFCV .beton file")
     from .data.beton import add_arguments as beton_arguments
 
@@ -206,30 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     # launchers that pass --local_rank (deepspeed without --no_local_rank): dist.py reads LOCAL_RANK
     argv = [a for i, a in enumerate(argv) if not a.startswith("--local_rank")
             and not (i > 0 and argv[i - 1] == "--local_rank")]
-    try:
-        if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
-            # benchmarks parse their own options (argparse REMAINDER drops leading "--x" options)
-            import importlib
+    return run(lambda: _dispatch(argv))
 
-            return int(importlib.import_module(f"distributed_prune.bench.{argv[1]}").main(argv[2:]) or 0)
-        args, extra = build_parser().parse_known_args(argv)
-        # key=value overrides may also follow options (dprune sweep CFG --grid a=1,2 b=3)
-        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides) + extra
-        elif extra:
-            raise UserError(f"dprune: unrecognized arguments: {' '.join(extra)}")
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"dprune: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dprune: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head`: stop quietly
-        import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+def _dispatch(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        # benchmarks parse their own options (argparse REMAINDER drops leading "--x" options)
+        import importlib
+
+        return int(importlib.import_module(f"distributed_prune.bench.{argv[1]}").main(argv[2:]) or 0)
+    args, extra = build_parser().parse_known_args(argv)
+    # key=value overrides may also follow options (dprune sweep CFG --grid a=1,2 b=3)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        raise UserError(f"dprune: unrecognized arguments: {' '.join(extra)}")
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ MAX_SEED = 2**32 - 1
 class OutputCfg(_Section):
     dir: str = "runs/default"
     keep_checkpoints: int = Field(2, ge=1)   # per stage; older epoch checkpoints are deleted
+    verbose: bool = True                     # per-epoch / pruned / done lines on stdout
 
     @field_validator("dir", mode="before")
     @classmethod
@@ -179,6 +180,8 @@ class RegCfg(_Section):
 
 
 class PruneCfg(_Section):
+    # the rows of prune.methods.METHODS (spelled out so loading a config needs no torch;
+    # tests/unit/test_methods.py keeps the two equal)
     method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "none"] = "l1"
     ratios: str = "0"
     pick: Literal["smallest", "largest", "random"] = "smallest"
@@ -201,8 +204,9 @@ class PruneCfg(_Section):
 
 
 class PxFyCfg(_Section):
-    """Prune at epoch ``prune_at`` of ONE overall schedule of ``total_epochs`` (PAPER.md "PxFy"):
-    pretrain uses epochs [0, x) of ``lr_schedule``; retrain continues it for the rest."""
+    """Prune at epoch ``prune_at`` of ONE overall schedule of ``total_epochs`` ("PxFy",
+    docs/science.md section 4): pretrain uses epochs [0, x) of ``lr_schedule``; retrain continues
+    it for the rest."""
     total_epochs: int = Field(0, ge=0)
     prune_at: int = Field(0, ge=0)
     lr_schedule: Optional[str] = None

@@ -5,6 +5,10 @@ Reads the environment of ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD
 with MASTER_ADDR/MASTER_PORT exported by the sbatch script); picks the backend (nccl on GPU, gloo
 on CPU); sets the device. Every helper works without a process group (rank 0 of 1), so the rest of
 the code never branches on "distributed or not".
+
+The bottom of the package above :mod:`.errors`: it imports nothing else from it. DeepSpeed's
+communication layer adopts the process group made here when its engine is built
+(:mod:`.train.deepspeed_engine`), so nothing here depends on the engine.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+from .errors import UserError
 
 
 @dataclass
@@ -35,9 +41,6 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-_CTX = Context()
 
 
 def _env_int(*names, default=None):
@@ -79,22 +82,20 @@ def require_engine(engine: str) -> None:
     except (ImportError, ValueError):  # a broken install or a stub module without a spec
         found = False
     if not found:
-        from .errors import UserError
-
         raise UserError("dist.engine=deepspeed: DeepSpeed is not installed; install it with "
                         "`pip install deepspeed` (or this project's extra: `pip install "
                         "'distributed_prune[deepspeed]'`), or use dist.engine=ddp")
 
 
-def init(device: str = "auto", backend: str = "auto", engine: str = "ddp") -> Context:
-    """Set up the process group (if launched with several processes) and the device."""
-    global _CTX
+def init(device: str = "auto", backend: str = "auto", engine: str | None = None) -> Context:
+    """Set up the process group (if launched with several processes) and the device.
+
+    ``engine`` is only checked to be installed (:func:`require_engine`): every engine trains on
+    the torch.distributed group made here (DeepSpeed adopts it when its engine is built)."""
     require_engine(engine)  # first: nothing may be written for a run that cannot start
     ctx = detect()
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
-
         raise UserError("train.device=cuda but no CUDA device is available")
     if use_cuda:
         torch.cuda.set_device(ctx.local_rank % torch.cuda.device_count())
@@ -105,13 +106,8 @@ def init(device: str = "auto", backend: str = "auto", engine: str = "ddp") -> Co
         ctx.backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         timeout = datetime.timedelta(minutes=int(os.environ.get("DPRUNE_DIST_TIMEOUT_MIN", "30")))
         _init_process_group(ctx.backend, timeout, **({"device_id": ctx.device} if use_cuda else {}))
-        if engine == "deepspeed":
-            from .train.deepspeed_engine import init_distributed  # the one deepspeed import
-
-            init_distributed(ctx.backend, timeout)  # adopts the process group made above
     elif tdist.is_initialized():
         ctx.backend = tdist.get_backend()
-    _CTX = ctx
     return ctx
 
 
@@ -128,10 +124,6 @@ def _init_process_group(backend, timeout, **kw):
                                  timeout=timeout, **kw)
     else:
         tdist.init_process_group(backend, timeout=timeout, **kw)
-
-
-def context() -> Context:
-    return _CTX
 
 
 def get_rank() -> int:
@@ -198,12 +190,11 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def shutdown(*objects_to_drop, barrier: bool = True):
-    """Tear down in an order that avoids "terminate called without an active exception" at
-    exit (ENV.md): drop engine references, collect, barrier, then destroy the process group.
+def shutdown(*, barrier: bool = True):
+    """Tear down in an order that avoids "terminate called without an active exception" at exit
+    (NCCL/gloo communicators still referenced by engine objects when the group is destroyed):
+    collect the garbage the caller has released, barrier, then destroy the process group.
     ``barrier=False`` after an error (a peer that failed elsewhere would never arrive)."""
-    for o in objects_to_drop:
-        del o
     gc.collect()
     if tdist.is_initialized():
         try:

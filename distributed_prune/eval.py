@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import dist
-from .train.loop import _to
+from .train.loop import to_device
 
 
 @torch.no_grad()
@@ -16,7 +16,7 @@ def evaluate(model, loader, *, device, amp_dtype=None, channels_last=False) -> f
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in loader:
-        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             out = model(x)

@@ -1,6 +1,6 @@
 """MACs and parameter counts through ``torch.utils.flop_counter`` (no hand formulas).
 
-Convention (PAPER.md section 5): multiply-adds of conv and linear layers (the flop counter's
+Convention (docs/science.md section 5): multiply-adds of conv and linear layers (the flop counter's
 matmul/conv flops / 2); BN, activations, pooling and residual additions are not counted.
 """
 from __future__ import annotations
@@ -29,16 +29,3 @@ def count(model: nn.Module, example_input: torch.Tensor) -> dict:
     return {"macs": int(counter.get_total_flops() // 2),
             "params": int(sum(p.numel() for p in model.parameters()))}
 
-
-def per_layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """MACs of every conv/linear module (by module name) for one sample."""
-    counter = _forward_flops(model, example_input[:1])
-    flops = counter.get_flop_counts()
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            # the counter keys modules by their dotted path below the root's class name
-            for key, ops in flops.items():
-                if key.split(".", 1)[-1] == name and key != "Global":
-                    out[name] = int(sum(ops.values()) // 2)
-    return out

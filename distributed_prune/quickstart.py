@@ -2,7 +2,7 @@
 
 On scikit-learn's bundled digits (1,797 real 8x8 images) it trains MLP-7-Linear, tabulates the
 mean Jacobian singular value (JSV) against the L1 pruning ratio, then prunes at 0.8 and retrains
-with LR 0.01, LR 0.001 and LR 0.01 + OrthP, logging accuracy and JSV every epoch (PAPER.md
+with LR 0.01, LR 0.001 and LR 0.01 + OrthP, logging accuracy and JSV every epoch (docs/science.md
 section 8). Everything goes through the same pipeline as ``dprune run`` (each arm is a run
 directory with its own summary.json), and ``report.md`` says whether the paper's findings held.
 
@@ -19,7 +19,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import prune
+from . import fileio, prune, rundir
+from .pipeline import build_data, build_model, run
+from .trainability import jsv
 
 # The embedded default; configs/quickstart.yaml holds the same values (a test keeps them equal).
 DEFAULT = {
@@ -45,9 +47,6 @@ def _cfg(base: dict, **dotted) -> config_mod.Config:
 
 
 def run_quickstart(out: str | os.PathLike, *, fast: bool = False, base: dict | None = None) -> dict:
-    from .pipeline import build_data, build_model, run
-    from .trainability import jsv
-
     out = Path(out)
     base = copy.deepcopy(base or DEFAULT)
     if fast:  # smoke-test size: same shape, fewer epochs
@@ -61,7 +60,9 @@ def run_quickstart(out: str | os.PathLike, *, fast: bool = False, base: dict | N
         return f"0:{lr:g},{stage}:{lr / 10:g},{2 * stage}:{lr / 100:g}"
 
     # 1. the dense base model (pretrain only), shared by every arm: an S2-or-stricter comparison
-    run(_cfg(base, prune__method="none", retrain__epochs=0, output__dir=str(out / "base")))
+    _run_arm("base (pretrain)", base["pretrain"]["epochs"],
+             _cfg(base, prune__method="none", retrain__epochs=0, output__dir=str(out / "base"),
+                  output__verbose=False))
     base_ckpt = out / "base" / "checkpoints" / "base.pt"
 
     # 2. mean JSV against the pruning ratio, on the same base weights
@@ -76,17 +77,16 @@ def run_quickstart(out: str | os.PathLike, *, fast: bool = False, base: dict | N
         if r > 0:
             m = prune.apply(m, prune.plan(m, f"[0-5:{r},6:0]", example_input=xs[:1]), mode="physical")
         jsv_by_ratio[str(r)] = jsv(m, xs, method="exact")["mean"]
-        print(f"[quickstart] ratio {r:.1f}: mean JSV {jsv_by_ratio[str(r)]:.4g}", flush=True)
 
     # 3. prune at 0.8, retrain with LR 0.01 / 0.001 / 0.01 + OrthP
     runs = []
     for lr, reinit in ARMS:
         name = f"prune{PRUNE_RATIO}_lr{lr:g}_{reinit}"
-        summary = run(_cfg(base, output__dir=str(out / name), pretrain__checkpoint=str(base_ckpt),
-                           prune__ratios=f"[0-5:{PRUNE_RATIO},6:0]", prune__reinit=reinit,
-                           retrain__lr_schedule=sched(lr)))
-        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-        rows = [r for r in rows if r["stage"] == "retrain"]
+        summary = _run_arm(_label(lr, reinit), re_epochs,
+                           _cfg(base, output__dir=str(out / name), pretrain__checkpoint=str(base_ckpt),
+                                prune__ratios=f"[0-5:{PRUNE_RATIO},6:0]", prune__reinit=reinit,
+                                retrain__lr_schedule=sched(lr), output__verbose=False))
+        rows = [r for r in rundir.read_metrics(out / name) if r["stage"] == "retrain"]
         runs.append({"name": name, "ratio": PRUNE_RATIO, "lr": lr, "reinit": reinit,
                      "top1_by_epoch": [r["top1"] for r in rows],
                      "jsv_by_epoch": [r.get("jsv_mean") for r in rows],
@@ -95,11 +95,42 @@ def run_quickstart(out: str | os.PathLike, *, fast: bool = False, base: dict | N
                      "final_top1": summary["final"]["top1"], "dir": name})
     result = {"jsv_by_ratio": jsv_by_ratio, "runs": runs, "dense_top1": summary["dense"]["top1"],
               "ta_epochs": stage, "findings": _findings(jsv_by_ratio, runs)}
-    (out / "quickstart.json").write_text(json.dumps(result, indent=1))
+    fileio.write_text(out / "quickstart.json", json.dumps(result, indent=1))
     _plots(out, result)
-    (out / "report.md").write_text(_markdown(result))
+    fileio.write_text(out / "report.md", _markdown(result))
+    print(_console_table(result), flush=True)
     print(f"[quickstart] report: {out / 'report.md'}  (data: {out / 'quickstart.json'})", flush=True)
     return result
+
+
+def _run_arm(label: str, epochs: int, cfg) -> dict:
+    """One pipeline run behind one progress bar (one step per trained epoch) instead of a
+    line per epoch."""
+    from tqdm import tqdm
+
+    with tqdm(total=epochs, desc=f"{label:<16}", unit="epoch", dynamic_ncols=True) as bar:
+        def advance(end):
+            bar.update(1)
+            bar.set_postfix_str(f"top1 {100 * end.row['top1']:.1f}%")
+
+        return run(cfg, epoch_hooks=[advance])
+
+
+def _label(lr, reinit) -> str:
+    return f"LR {lr:g}" + (" + OrthP" if reinit == "orthp" else "")
+
+
+def _console_table(result: dict) -> str:
+    """The result in a few lines: JSV against the ratio, each arm, the findings."""
+    jsv_line = "  ".join(f"{k}: {v:.3g}" for k, v in result["jsv_by_ratio"].items())
+    lines = [f"[quickstart] dense top-1 {100 * result['dense_top1']:.2f}%; mean JSV by L1 ratio: {jsv_line}",
+             f"[quickstart] ratio {PRUNE_RATIO}, TA over the first {result['ta_epochs']} retrain epochs:",
+             f"  {'retrain':<16} {'JSV after prune':>15} {'TA':>8} {'final top-1':>12}"]
+    for r in result["runs"]:
+        lines.append(f"  {_label(r['lr'], r['reinit']):<16} {r['jsv_after_prune']:>15.4g} "
+                     f"{100 * (r['trainability_accuracy'] or 0):>7.2f}% {100 * r['final_top1']:>11.2f}%")
+    lines += [f"  {'HELD' if f['held'] else 'NOT HELD':<8} {f['claim']}" for f in result["findings"]]
+    return "\n".join(lines)
 
 
 class _Ctx:
@@ -132,7 +163,7 @@ def _plots(out: Path, result: dict):
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for r in result["runs"]:
-        label = f"LR {r['lr']:g}" + (" + OrthP" if r["reinit"] == "orthp" else "")
+        label = _label(r["lr"], r["reinit"])
         ax[0].plot(range(1, len(r["top1_by_epoch"]) + 1), [100 * v for v in r["top1_by_epoch"]], label=label)
         ax[1].semilogy(range(1, len(r["jsv_by_epoch"]) + 1), r["jsv_by_epoch"], label=label)
     ax[0].set(xlabel="retrain epoch", ylabel="test top-1 (%)", title="MLP-7-Linear, digits, ratio 0.8")
@@ -163,14 +194,15 @@ def _markdown(result: dict) -> str:
               f"## Retraining at ratio {PRUNE_RATIO} (TA = mean top-1 over the first {result['ta_epochs']} epochs)", "",
               "| retrain | JSV after pruning | TA | final top-1 | run dir |", "|---|---|---|---|---|"]
     for r in result["runs"]:
-        label = f"LR {r['lr']:g}" + (" + OrthP" if r["reinit"] == "orthp" else "")
+        label = _label(r["lr"], r["reinit"])
         lines.append(f"| {label} | {r['jsv_after_prune']:.4g} | {100 * r['trainability_accuracy']:.2f}% | "
                      f"{100 * r['final_top1']:.2f}% | {r['dir']} |")
     lines += ["", "![accuracy and JSV per epoch](retrain_by_epoch.png)", "",
               "## Did the paper's findings hold here?", ""]
     lines += [f"- {'HELD' if f['held'] else 'NOT HELD'}: {f['claim']}" for f in result["findings"]]
-    lines += ["", "PAPER.md section 8 expects JSV 8.47 dense -> 0.11 at 0.7 and 0.001 at 0.9; at 0.8, "
-              "LR 0.01 -> 0.87 top-1 vs 0.51 for LR 0.001. Exact figures depend on the schedule and seed.",
+    lines += ["", "docs/science.md section 8 expects JSV 8.47 dense -> 0.11 at 0.7 and 0.001 at 0.9; "
+              "at 0.8, LR 0.01 -> 0.87 top-1 vs 0.51 for LR 0.001. Exact figures depend on the "
+              "schedule and seed.",
               "", "Compare the arms with `dprune report " + " ".join(r["dir"] for r in result["runs"]) +
               "`: they share the base model and retraining epochs but not the LR schedule, so the "
               "comparison is S3.1 (not fair in the paper's sense: the LR, not the method, differs).", ""]

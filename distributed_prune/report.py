@@ -17,12 +17,12 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import setups
+from . import rundir, setups
 from .errors import UserError
+from .run_report import atomic_write, figure, md_table, save_figure, write_run_report  # noqa: F401
 
 __all__ = ["load_runs", "table", "paper_table", "cross_validate", "scratch_rows", "setup_line", "to_markdown",
            "plot_acc_vs_speedup", "write_run_report", "cli_report", "METRICS"]
@@ -51,22 +51,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl as a list; a torn last line (a run still writing) is dropped."""
-    if not path.is_file():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    out = []
-    for i, ln in enumerate(lines):
-        try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise UserError(f"{path}: line {i + 1} is not valid JSON") from None
-    return out
 
 
 def _run_dirs(d: Path) -> list[Path]:
@@ -116,11 +100,11 @@ def load_runs(dirs: Iterable[str | os.PathLike]) -> list[dict]:
         for rd in _run_dirs(Path(d)):
             summary = _read_json(rd / "summary.json")
             _check_shape(summary, rd / "summary.json")
-            if summary.get("status", "complete") != "complete":
+            if not rundir.summary_is_complete(summary):
                 log.warning("skipping incomplete run %s (status %s)", rd, summary.get("status"))
                 continue
             summary["dir"] = str(rd)
-            summary["metrics"] = _read_metrics(rd / "metrics.jsonl")
+            summary["metrics"] = rundir.read_metrics(rd, strict=True)
             runs.append(summary)
     return runs
 
@@ -230,7 +214,7 @@ def _recipe(run: dict) -> str:
 
 
 def cross_validate(runs: list[dict], method_a: str, method_b: str) -> dict:
-    """Recipe cross-validation (PAPER.md section 2): is A better than B under every recipe?
+    """Recipe cross-validation (docs/science.md section 2): is A better than B under every recipe?
 
     A method is matched by ``setup.prune_method`` or by ``label``; a recipe is a retraining LR
     schedule (canonical) with its epochs.  At each ratio spec, the mean final top-1 of A and B is
@@ -319,12 +303,6 @@ def scratch_rows(runs: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------------- markdown
 
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def setup_line(result: setups.SetupResult) -> str:
     """``Comparison setup: S3.1 — reason (+ SX-A)``, and whether it is fair."""
     name = result.setup or "none (not comparable)"
@@ -340,7 +318,7 @@ def to_markdown(runs: list[dict], result: setups.SetupResult | None = None,
     rows = table(runs)
     parts = ["# Pruning report", "", setup_line(result), "",
              "## Runs (mean ± std over seeds; top-1 and TA in %)", "",
-             _md_table(["label", "ratios", "n", "final top-1", "pruned top-1", "TA", "speedup",
+             md_table(["label", "ratios", "n", "final top-1", "pruned top-1", "TA", "speedup",
                         "mean JSV"],
                        [[r["label"], f"`{r['ratios']}`", r["n"],
                          _pm(r["final_top1"], r["final_top1_std"]),
@@ -352,14 +330,14 @@ def to_markdown(runs: list[dict], result: setups.SetupResult | None = None,
     heads = [f"`{c}`" + ("" if s is None else f" ({s:.2f}x)")
              for c, s in zip(pt["columns"], pt["speedups"])]
     parts += ["", f"## Paper layout (final top-1 %{base})", "",
-              _md_table(["row", *heads], [[r["label"], *(r["cells"].get(c, "") for c in pt["columns"])]
+              md_table(["row", *heads], [[r["label"], *(r["cells"].get(c, "") for c in pt["columns"])]
                                          for r in pt["rows"]])]
     sb = scratch_rows(runs)
     if sb:
         parts += ["", "## Scratch baselines (epochs for the pruned architecture)", "",
                   "Scratch-E = K1 + K2 (same epochs); Scratch-B = K1 x speedup + K2 (same FLOPs); "
                   "K1 = pretrain + prune epochs, K2 = retrain epochs.", "",
-                  _md_table(["label", "ratios", "K1", "K2", "speedup", "Scratch-E", "Scratch-B"],
+                  md_table(["label", "ratios", "K1", "K2", "speedup", "Scratch-E", "Scratch-B"],
                             [[r["label"], f"`{r['ratios']}`",
                               r["pretrain_epochs"] + r["prune_epochs"], r["retrain_epochs"],
                               f"{r['speedup']:.2f}", r["scratch_e"],
@@ -367,50 +345,15 @@ def to_markdown(runs: list[dict], result: setups.SetupResult | None = None,
     if cross:
         parts += ["", f"## Recipe cross-validation: {cross['method_a']} vs {cross['method_b']}", "",
                   f"Verdict: **{cross['text']}**", "",
-                  _md_table(["ratios", "recipe", cross["method_a"], cross["method_b"], "winner"],
+                  md_table(["ratios", "recipe", cross["method_a"], cross["method_b"], "winner"],
                             [[f"`{c['ratios']}`", c["recipe"], f"{c['a_top1']:.2f}",
                               f"{c['b_top1']:.2f}", c["winner"] or "tie"] for c in cross["cells"]])]
     return "\n".join(parts) + "\n"
 
 
-# -------------------------------------------------------------------------------------- files
-
-def _atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write via a temp file in the same directory and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _save_figure(fig, path: str | os.PathLike) -> Path:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return _atomic_write(path, buf.getvalue())
-
-
-def _figure():
-    """A matplotlib Figure drawn by the Agg canvas (no pyplot: no global backend state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_acc_vs_speedup(runs: list[dict], path: str | os.PathLike) -> Path:
     """PNG of final top-1 (%) vs speedup, one line per label (error bars: std over seeds)."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     rows = [r for r in table(runs) if r["speedup"] is not None and r["final_top1"] is not None]
     for label in dict.fromkeys(r["label"] for r in rows):
@@ -425,92 +368,7 @@ def plot_acc_vs_speedup(runs: list[dict], path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     if rows or dense:
         ax.legend(fontsize=8)
-    return _save_figure(fig, path)
-
-
-def _fmt_num(v: Any, spec: str = "") -> str:
-    if v is None:
-        return "n/a"
-    return format(v, spec) if spec and isinstance(v, (int, float)) else str(v)
-
-
-def _pct(v: Any) -> str:
-    return "n/a" if v is None else f"{100.0 * v:.2f}"
-
-
-def _setup_value(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4g}" if isinstance(v, float) else f"`{v}`"
-
-
-def _plot_per_epoch(metrics: list[dict], key: str, ylabel: str, path: Path, scale: float = 1.0,
-                    log_y: bool = False) -> Path | None:
-    """``key`` per epoch, epochs of all stages laid end to end, one colour per stage."""
-    pts = [(m.get("stage"), m.get(key)) for m in metrics]
-    if not any(v is not None for _, v in pts):
-        return None
-    fig = _figure()
-    ax = fig.add_subplot()
-    for stage in dict.fromkeys(s for s, _ in pts):
-        xs = [i for i, (s, v) in enumerate(pts) if s == stage and v is not None]
-        ax.plot(xs, [pts[i][1] * scale for i in xs], marker=".", label=str(stage))
-    ax.set_xlabel("epoch (all stages)")
-    ax.set_ylabel(ylabel)
-    if log_y:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save_figure(fig, path)
-
-
-def write_run_report(run_dir: str | os.PathLike, summary: dict, metrics: list[dict]) -> Path:
-    """Write ``run_dir/report.md`` for one run (summary, Scratch budgets, per-epoch table).
-
-    Also ``top1.png`` (and ``jsv.png`` where JSV was measured) in ``run_dir`` when matplotlib
-    is installed.  Returns the report's path.
-    """
-    run_dir = Path(run_dir)
-    s = summary.get("setup") or {}
-    dense, pruned = summary.get("dense") or {}, summary.get("pruned") or {}
-    lines = [f"# Run {summary.get('label', '')}".rstrip(), "",
-             f"{summary.get('model')} on {summary.get('dataset')}, seed {summary.get('seed')}, "
-             f"world size {summary.get('world_size')}, status {summary.get('status', 'n/a')}", "",
-             _md_table(["", "top-1 %", "params", "MACs", "speedup", "mean JSV"], [
-                 ["dense", _pct(dense.get("top1")), _fmt_num(dense.get("params"), ","),
-                  _fmt_num(dense.get("macs"), ","), "1.00", ""],
-                 ["pruned", _pct(pruned.get("top1")), _fmt_num(pruned.get("params"), ","),
-                  _fmt_num(pruned.get("macs"), ","), _fmt_num(pruned.get("speedup"), ".2f"),
-                  _fmt_num(pruned.get("jsv_mean"), ".4g")],
-                 ["final", _pct((summary.get("final") or {}).get("top1")), "", "", "", ""]]),
-             "", f"Trainability accuracy: {_pct(summary.get('trainability_accuracy'))} %", "",
-             "## Setup", "", _md_table(["key", "value"], [[k, _setup_value(v)] for k, v in s.items()])]
-    speedup = setups.speedup_of(summary)
-    if s.get("pretrain_epochs") is not None and s.get("retrain_epochs") is not None and speedup:
-        b = setups.scratch_budgets(s["pretrain_epochs"], s["retrain_epochs"], speedup,
-                                   prune_epochs=s.get("prune_epochs") or 0)
-        lines += ["", f"Scratch baselines: Scratch-E {b['scratch_e']} epochs, Scratch-B "
-                      f"{b['scratch_b']:.1f} (→ {b['scratch_b_epochs']}) epochs."]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        plots = []
-    else:
-        plots = [p for p in (
-            _plot_per_epoch(metrics, "top1", "test top-1 (%)", run_dir / "top1.png", 100.0),
-            _plot_per_epoch(metrics, "jsv_mean", "mean JSV", run_dir / "jsv.png", log_y=True))
-            if p is not None]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    if metrics:
-        lines += ["", "## Per epoch", "",
-                  _md_table(["stage", "epoch", "lr", "train loss", "top-1 %", "mean JSV"],
-                            [[m.get("stage"), m.get("epoch"), _fmt_num(m.get("lr"), ".3g"),
-                              _fmt_num(m.get("train_loss"), ".4f"),
-                              "" if m.get("top1") is None else f"{100.0 * m['top1']:.2f}",
-                              "" if m.get("jsv_mean") is None else f"{m['jsv_mean']:.4g}"]
-                             for m in metrics])]
-    return _atomic_write(run_dir / "report.md", "\n".join(lines) + "\n")
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -531,7 +389,7 @@ def cli_report(args) -> int:
     cross = _auto_cross_validation(runs, getattr(args, "cross", None))
     md = to_markdown(runs, result, cross)
     if getattr(args, "out", None):
-        _atomic_write(args.out, md)
+        atomic_write(args.out, md)
     if getattr(args, "plot", None):
         plot_acc_vs_speedup(runs, args.plot)
     if getattr(args, "json", False):

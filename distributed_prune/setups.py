@@ -1,4 +1,4 @@
-"""Comparison-setup checker (PAPER.md section 2): which setup does a set of runs satisfy?
+"""Comparison-setup checker (docs/science.md section 2): which setup does a set of runs satisfy?
 
 The setups form a ladder, each rung adding one thing held equal::
 
@@ -264,7 +264,7 @@ def check(summaries: list[dict], *, speedup_tol: float = 0.02, flops_tol: float 
 
 def scratch_budgets(pretrain_epochs: float, retrain_epochs: float, speedup: float,
                     prune_epochs: float = 0) -> dict:
-    """Epoch budgets of the scratch baselines (PAPER.md section 1).
+    """Epoch budgets of the scratch baselines (docs/science.md section 1).
 
     Scratch-E trains the pruned architecture for the same total epochs, K1 + K2; Scratch-B for
     the same total FLOPs, K1 * (F1/F2) + K2, with F1/F2 = ``speedup``.  K1 counts the pretrain

@@ -1,6 +1,6 @@
 """Sweeps: expand a grid of config overrides into runs and launch them.
 
-    dprune sweep configs/paper/resnet56_cifar10.yaml \\
+    dprune sweep configs/paper/resnet56_cifar10_l1_step0.01.yaml \\
         --grid "prune.ratios=[0,0.3,0.3,0.3,0],[0,0.7,0.7,0.7,0]" \\
         --grid "retrain.lr_schedule=0:0.01,60:0.001,90:0.0001|0:0.001,80:0.0001" \\
         --seeds 3 --launcher torchrun --nproc 4 --out runs/r56
@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import itertools
 import json
 import math
 import os
 import re
 import shlex
-import stat
 from pathlib import Path
 
-from . import config as config_mod, dist
+from . import config as config_mod, dist, fileio, rundir
 from .errors import UserError
 
 __all__ = ["expand", "run_name", "split_values", "cli_sweep"]
@@ -129,19 +127,11 @@ def run_name(overrides: dict[str, str]) -> str:
 
 
 def _is_complete(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") == "complete"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return rundir.is_complete(run_dir)
 
 
 def _write(path: Path, text: str, executable: bool = False) -> None:
-    """Atomic write (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    if executable:
-        tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    os.replace(tmp, path)
+    fileio.write_text(path, text, executable=executable)
 
 
 _SBATCH = """#!/bin/bash
@@ -222,7 +212,8 @@ def cli_sweep(args) -> int:
         if args.nproc > 1:
             print(f"note: --launcher local runs in this process; use --launcher torchrun for "
                   f"--nproc {args.nproc}")
-        run_from_cli = importlib.import_module("distributed_prune.pipeline").run_from_cli
+        from .pipeline import run_from_cli
+
         failed = []
         for i, ((name, _, line), complete) in enumerate(zip(runs, done), 1):
             if complete:

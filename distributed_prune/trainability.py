@@ -1,6 +1,6 @@
 """Trainability measures: Jacobian singular values (JSV) and trainability accuracy (TA).
 
-PAPER.md section 3: the sparsifying action damages *dynamical isometry*, measured by the singular
+docs/science.md section 3: the sparsifying action damages *dynamical isometry*, measured by the singular
 values of the input-output Jacobian ``J_i = d logits(x_i) / d x_i`` (shape ``(C, D)``, ``C`` the number
 of logits, ``D`` the input numel) of each sample ``x_i``.  The mean JSV falls monotonically with the
 pruning ratio.  The model is evaluated in eval mode (BatchNorm uses running statistics), so each
@@ -261,7 +261,7 @@ def _pool(mean, msq, smax, smin, *, eps: float) -> dict[str, float]:
 def trainability_accuracy(top1_by_epoch: list[float], first_stage_epochs: int) -> float:
     """Trainability accuracy (TA): mean test top-1 over the first ``N`` retraining epochs.
 
-    PAPER.md section 3: ``N`` is the length of the first LR stage (e.g. 60 for
+    docs/science.md section 3: ``N`` is the length of the first LR stage (e.g. 60 for
     ``0:0.01,60:0.001,90:0.0001``); compare TA only between runs with the same schedule shape.
 
     Args:

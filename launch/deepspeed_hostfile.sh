@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DeepSpeed's launcher over the hosts of a hostfile (passwordless ssh + pdsh between nodes; see
 # launch/hostfile.example). Run on the first node:
-#   HOSTFILE=launch/hostfile bash launch/deepspeed_hostfile.sh configs/paper/resnet50_imagenet_l1.yaml \
+#   HOSTFILE=hosts bash launch/deepspeed_hostfile.sh configs/paper/resnet50_imagenet_l1.yaml \
 #     output.dir=/shared/runs/r50-ds dist.deepspeed_config=configs/deepspeed/zero1_bf16.json train.amp=bf16
 # Without a hostfile DeepSpeed uses the local node only (NUM_GPUS limits the processes; on CPU
 # set DS_ACCELERATOR=cpu and NUM_GPUS=2: each "GPU" is a process).

@@ -1,10 +1,19 @@
 """Test-wide settings.
 
-TRITON_INTERPRET=1 must be set before any @triton.jit kernel is defined (ENV.md), so it is set
-here, at import time of the root conftest, before test modules import the kernels.
+TRITON_INTERPRET=1 must be set before any @triton.jit kernel is defined (Triton reads it when a
+kernel is decorated), so it is set here, at import time of the root conftest, before test modules
+import the kernels.
+
+Every test runs in an empty temporary working directory, and so does every subprocess it starts
+(``python -m distributed_prune``, torchrun): a relative path written by mistake lands there, never
+in the repository. PYTHONPATH names this checkout so that those subprocesses import the package
+under test from any directory, never another installed copy.
 """
 import os
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -32,3 +41,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _temporary_cwd(tmp_path_factory, monkeypatch):
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))

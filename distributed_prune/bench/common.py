@@ -21,23 +21,20 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .. import flops, models, prune
-from ..cli import parse_input_size
+from .. import dtypes, fileio, flops, models, prune
+from ..cmdline import parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
 from ..train.loop import train_epoch
 from ..train.optim import build_optimizer
 from ..train.schedules import EpochIterLR
 
-AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}     # --dtype -> engine amp
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (PAPER.md section 5)
+RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (docs/science.md section 5)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -107,8 +104,7 @@ def is_imagenet_model(name: str) -> bool:
     models (CIFAR ResNets, VGG19_C, ...) are CIFAR-shaped."""
     from ..models.tv import torchvision_classifiers
 
-    models.list_models(include_torchvision=False)
-    return name not in models._REGISTRY and name in torchvision_classifiers()
+    return name not in models.MODELS and name in torchvision_classifiers()
 
 
 def defaults(model: str, device: torch.device) -> dict:
@@ -158,7 +154,7 @@ def pruned_pair(model, ratios, num_classes: int | None = None, input_size=(3, 32
     before building its model) or an ``nn.Module`` (used as the dense model, e.g. a checkpoint's
     weights). The plan is ``prune.plan(dense, ratios, criterion, example_input=(1, *input_size),
     round_to)`` and the pruned model ``prune.apply(deepcopy(dense), plan, mode="physical")``: the
-    calls of ``pipeline._decide`` and of the pipeline's surgery step, with their defaults.
+    calls of ``prune.decide.decide`` and of the pipeline's surgery step, with their defaults.
     """
     if isinstance(model, str):
         torch.manual_seed(seed)
@@ -235,9 +231,9 @@ def inference_fn(model: nn.Module, *, device, batch: int, input_size, dtype: str
                  channels_last: bool = False, compile: bool = False, seed: int = 0):
     """A callable running one eval-mode, no-grad forward of a copy of ``model`` in ``dtype``
     (weights and input cast: low-precision inference as deployed)."""
-    m = copy.deepcopy(model).to(device=device, dtype=DTYPES[dtype]).eval()
+    m = copy.deepcopy(model).to(device=device, dtype=dtypes.DTYPES[dtype]).eval()
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *input_size, generator=g).to(device=device, dtype=DTYPES[dtype])
+    x = torch.randn(batch, *input_size, generator=g).to(device=device, dtype=dtypes.DTYPES[dtype])
     if channels_last and x.dim() == 4:
         m = m.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -387,11 +383,7 @@ def emit(result: dict, table: str, *, as_json: bool, out: str | None):
     text = json.dumps(result)
     print(text if as_json else table, flush=True)
     if out:
-        p = Path(out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, p)
+        fileio.write_text(out, json.dumps(result, indent=1) + "\n")
 
 
 def md_table(header: list[str], rows: list[list]) -> str:

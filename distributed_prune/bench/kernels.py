@@ -2,7 +2,7 @@
 
     dprune bench kernels [--device cuda|cpu] [--dtype bf16] [--batch 64] [--reps N]
                          [--out FILE.json] [--write-tuning [FILE]]
-    python -m distributed_prune.bench.kernels --device cpu --out /tmp/kernels.json
+    python -m distributed_prune.bench.kernels --device cpu --out kernels.json
 
 Measures, in one run and against baselines timed in the same run:
 
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..dtypes import DTYPES
+
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 
 

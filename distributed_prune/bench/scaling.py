@@ -35,18 +35,14 @@ from pathlib import Path
 
 import torch
 
+from ..cmdline import ArgumentParser
 from ..errors import UserError
 
 ENGINES = ("ddp", "deepspeed")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dprune bench train --world-size N", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="dprune bench train --world-size N", description=__doc__.split("\n")[0])
     p.add_argument("--world-size", type=int, default=2, help="processes of the distributed run")
     p.add_argument("--model", default=None, help="default: resnet20 on CPU, resnet50 on GPU")
     p.add_argument("--ratios", default=None, help="benchmark the physically pruned model")
@@ -228,9 +224,9 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     import sys
 
-    from ..cli import main as cli_main   # one error path: "dprune: error: ..." and exit status 2
+    from ..cmdline import run   # one error path: "dprune: error: ..." and exit status 2
 
     argv = sys.argv[1:]
     if not any(a.startswith("--world-size") for a in argv):
         argv = ["--world-size", "2", *argv]
-    sys.exit(cli_main(["bench", "train", *argv]))
+    sys.exit(run(lambda: main(argv)))

@@ -33,28 +33,25 @@ import argparse
 
 import torch
 
+from .. import dtypes
+from ..cmdline import ArgumentParser
 from ..errors import UserError
 from . import common
 
 ROUND_TO_RATIOS = ("[0,0.6,0.6,0.6,0.21,0]", "[0,0.74,0.74,0.6,0.21,0]", "[0,0.68,0.68,0.68,0.5,0]",
-                   "[0,0.3,0.3,0.3,0.14,0]")   # ResNet-50, PAPER.md section 5: 2.31x 2.56x 3.06x 1.49x
+                   "[0,0.3,0.3,0.3,0.14,0]")   # ResNet-50, docs/science.md section 5: 2.31x 2.56x 3.06x 1.49x
 ROUND_TOS = (None, 8, 16, 32)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dprune bench speedup", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="dprune bench speedup", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model name (resnet50 with --round-to-table)")
     p.add_argument("--ratios", default=None, help="ratio spec; with --round-to-table, specs separated by ';'")
     p.add_argument("--criterion", default="l1")
     p.add_argument("--batch", type=int, default=None, help="default: 256 on GPU, 8 on CPU")
     p.add_argument("--input-size", default=None, help="C,H,W (default: 224 on GPU, 64 on CPU; CIFAR nets 32)")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--dtype", choices=list(common.DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", choices=list(dtypes.DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for GPU, off for CPU")
     p.add_argument("--compile", action="store_true")
@@ -103,7 +100,7 @@ def make_fns(model, s: dict) -> dict:
     infer = common.inference_fn(model, device=dev, batch=s["batch"], input_size=s["input_size"],
                                 dtype=s["dtype"], channels_last=s["channels_last"], compile=s["compile"])
     setup = common.TrainSetup(model, device=dev, batch=s["batch"], input_size=s["input_size"],
-                              num_classes=s["num_classes"], amp=common.AMP[s["dtype"]],
+                              num_classes=s["num_classes"], amp=dtypes.amp_mode(s["dtype"]),
                               channels_last=s["channels_last"], compile=s["compile"])
     return {"infer": infer, "train": lambda: setup.run(1)}
 

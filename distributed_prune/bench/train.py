@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..cmdline import ArgumentParser
 from ..errors import UserError
 from . import common
 
@@ -49,13 +50,8 @@ ABLATIONS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dprune bench train", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="dprune bench train", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--ratios", default=common.RESNET50_RATIOS)
     p.add_argument("--criterion", default="l1")
@@ -219,7 +215,7 @@ def _text(r: dict) -> str:
 
 def main(argv=None) -> int:
     argv = list(argv if argv is not None else __import__("sys").argv[1:])
-    pre = _Parser(prog="dprune bench train", add_help=False)
+    pre = ArgumentParser(prog="dprune bench train", add_help=False)
     pre.add_argument("--world-size", type=int, default=1)
     known, _ = pre.parse_known_args(argv)
     if known.world_size > 1:

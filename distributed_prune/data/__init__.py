@@ -20,47 +20,20 @@ Samplers used by :func:`build_loader`:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from distributed_prune.errors import UserError
+from ..errors import UserError
+# The dataset modules register their builders in DATASETS when imported.
+from . import digits, synthetic, torchvision  # noqa: F401
+from .base import DATASETS, DataInfo, register_dataset
 
 __all__ = [
     "DATASETS", "DataInfo", "register_dataset", "build_datasets", "build_loader",
-    "EpochRandomSampler", "ShardSampler", "set_loader_epoch",
+    "EpochRandomSampler", "ShardSampler",
 ]
-
-#: name -> builder(**kwargs) -> (train_ds, val_ds, DataInfo); filled by :func:`register_dataset`.
-DATASETS: dict[str, Callable] = {}
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What a model needs to know about a dataset.
-
-    ``input_shape`` is ``(C, H, W)`` for images or ``(D,)`` when flattened; ``mean``/``std`` are
-    the per-channel normalization constants applied to the data (scalar ones as 1-tuples for
-    flattened or single-channel data), in the units of images scaled to [0, 1].
-    """
-
-    num_classes: int
-    input_shape: tuple[int, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    name: str = ""
-
-
-def register_dataset(name: str):
-    """Decorator adding a builder to :data:`DATASETS` under ``name``."""
-    def deco(fn):
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        DATASETS[name] = fn
-        return fn
-    return deco
 
 
 def build_datasets(name: str, *, train_path: str | None = None, val_path: str | None = None,
@@ -75,45 +48,9 @@ def build_datasets(name: str, *, train_path: str | None = None, val_path: str | 
     ``n_val = max(1, n_train // 4)``). ``num_classes`` must match a real dataset's classes.
     Paths for datasets that need no files must be left unset; nothing is ever downloaded.
     """
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r} (data.name); choose one of "
-                        f"{', '.join(sorted(DATASETS))}")
-    return DATASETS[name](train_path=train_path or None, val_path=val_path or None,
-                          input_size=input_size, flatten=bool(flatten), seed=int(seed),
-                          synthetic_size=synthetic_size, num_classes=num_classes)
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-def spatial_size(input_size, name: str, default=None) -> "tuple[int, int] | None":
-    """``input_size`` (int, (H, W) or (C, H, W)) -> (H, W); UserError naming the dataset if bad."""
-    if input_size is None:
-        return default
-    if isinstance(input_size, int) and not isinstance(input_size, bool):
-        size = (input_size, input_size)
-    elif isinstance(input_size, (tuple, list)) and len(input_size) in (2, 3):
-        size = tuple(int(s) for s in input_size[-2:])
-    else:
-        raise UserError(f"bad input_size {input_size!r} for dataset {name!r}: "
-                        "expected an int, (H, W) or (C, H, W)")
-    if min(size) < 1:
-        raise UserError(f"bad input_size {input_size!r} for dataset {name!r}: sizes must be >= 1")
-    return size
-
-
-def check_num_classes(num_classes, actual: int, name: str) -> int:
-    """``num_classes`` must be unset or equal to the dataset's class count."""
-    if num_classes is not None and int(num_classes) != actual:
-        raise UserError(f"num_classes={num_classes} does not match dataset {name!r}, "
-                        f"which has {actual} classes")
-    return actual
-
-
-def reject_paths(name: str, train_path, val_path) -> None:
-    """Datasets generated in memory take no paths; a set path would otherwise be ignored."""
-    for key, value in (("data.train_path", train_path), ("data.val_path", val_path)):
-        if value:
-            raise UserError(f"{key}={value!r} is not used by dataset {name!r}; leave it unset")
+    return DATASETS.lookup(name)(train_path=train_path or None, val_path=val_path or None,
+                                 input_size=input_size, flatten=bool(flatten), seed=int(seed),
+                                 synthetic_size=synthetic_size, num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------------- loaders
@@ -151,13 +88,6 @@ class ShardSampler(Sampler[int]):
         return max(0, math.ceil((self.n - self.rank) / self.world_size))
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Call ``loader.sampler.set_epoch(epoch)`` when the sampler has one."""
-    fn = getattr(loader.sampler, "set_epoch", None)
-    if fn is not None:
-        fn(epoch)
-
-
 def build_loader(ds: Dataset, *, batch_size: int, shuffle: bool, num_workers: int = 0,
                  drop_last: bool = False, seed: int = 0, distributed: bool = False, rank: int = 0,
                  world_size: int = 1, pin_memory: bool = False) -> DataLoader:
@@ -185,6 +115,3 @@ def build_loader(ds: Dataset, *, batch_size: int, shuffle: bool, num_workers: in
                       persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(seed + 7919 * rank))
 
-
-# Builders register themselves on import (after the helpers above exist).
-from distributed_prune.data import digits, synthetic, torchvision  # noqa: E402,F401

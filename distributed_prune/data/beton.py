@@ -38,13 +38,14 @@ import contextlib
 import functools
 import os
 import time
-import uuid
 from unittest import mock
 from pathlib import Path
 
 import numpy as np
 
-from distributed_prune.errors import UserError
+from .. import fileio
+from ..cmdline import parse_image_size
+from ..errors import UserError
 
 MODES = ("smart", "jpg", "raw", "proportion")
 SOURCES = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder", "imagenet")
@@ -55,21 +56,6 @@ SMALL_PAGE, LARGE_PAGE = 1 << 21, 1 << 23  # FFCV's minimum page and its default
 
 
 # ----------------------------------------------------------------------------- sources
-
-def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Raw digits of one split: pixels (N, 8, 8) uint8 in 0..16 and labels (N,) int64.
-
-    Same split as :mod:`distributed_prune.data.digits` (train_test_split of the sklearn arrays
-    with ``test_size=0.25, random_state=0, stratify=y``; the split depends only on ``y``).
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
-    return x.reshape(-1, 8, 8).astype(np.uint8), y.astype(np.int64)
-
 
 def digits_to_rgb(pixels: np.ndarray) -> np.ndarray:
     """(N, 8, 8) values 0..16 -> (N, 8, 8, 3) uint8 ``round(p * 255 / 16)``."""
@@ -166,6 +152,8 @@ def open_source(name: str, split: str = "train", root=None, *, num_samples=None,
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "digits":
+        from .digits import digits_split
+
         pixels, labels = digits_split(split)
         return ArrayImages(digits_to_rgb(pixels), labels), 8 * 8 * 3
     if name == "synthetic":
@@ -267,7 +255,7 @@ def write_dataset(dataset, out, *, mode: str = "smart", max_resolution=None,
     summary: ``path, num_samples, num_classes, bytes, seconds, mode, max_resolution,
     jpeg_quality, compress_probability``.
     """
-    from distributed_prune.data.ffcv import require_ffcv, validate_beton
+    from .ffcv import require_ffcv, validate_beton
 
     require_ffcv()
     import ffcv.writer
@@ -286,32 +274,32 @@ def write_dataset(dataset, out, *, mode: str = "smart", max_resolution=None,
     workers = int(num_workers or min(os.cpu_count() or 1, 8))
     workers = max(1, min(workers, (n + 99) // 100))  # FFCV hands out chunks of 100 samples
 
-    tmp = str(out.parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    errors = tmp + ".errors"
-    # FFCV's writer always shows a tqdm bar: hide it by swapping the name it calls.
-    quiet = contextlib.nullcontext() if progress else mock.patch.object(
-        ffcv.writer, "tqdm", functools.partial(ffcv.writer.tqdm, disable=True))
+    # FFCV's writer opens the file by name: write it under a temp name, renamed when complete
     start = time.perf_counter()
-    try:
-        guarded = _GuardedSamples(dataset, errors, page_size, max_resolution)
-        writer = DatasetWriter(tmp, _fields(mode, max_resolution, jpeg_quality,
-                                            compress_probability, smart_threshold),
-                               page_size=page_size, num_workers=workers)
-        with quiet:
-            writer.from_indexed_dataset(guarded)
-        if os.path.exists(errors):
-            with open(errors) as f:
-                bad = f.read().splitlines()
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise UserError(f"cannot write {out}: {bad[0]}{more}")
-        info = validate_beton(tmp)
-        if info["num_samples"] != n:
-            raise RuntimeError(f"FFCV wrote {info['num_samples']} samples, expected {n}")
-        os.replace(tmp, out)
-    finally:
-        for path in (tmp, errors):
-            if os.path.exists(path):
-                os.remove(path)
+    with fileio.atomic_path(out) as tmp_path:
+        tmp = str(tmp_path)
+        errors = tmp + ".errors"
+        # FFCV's writer always shows a tqdm bar: hide it by swapping the name it calls.
+        quiet = contextlib.nullcontext() if progress else mock.patch.object(
+            ffcv.writer, "tqdm", functools.partial(ffcv.writer.tqdm, disable=True))
+        try:
+            guarded = _GuardedSamples(dataset, errors, page_size, max_resolution)
+            writer = DatasetWriter(tmp, _fields(mode, max_resolution, jpeg_quality,
+                                                compress_probability, smart_threshold),
+                                   page_size=page_size, num_workers=workers)
+            with quiet:
+                writer.from_indexed_dataset(guarded)
+            if os.path.exists(errors):
+                with open(errors) as f:
+                    bad = f.read().splitlines()
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise UserError(f"cannot write {out}: {bad[0]}{more}")
+            info = validate_beton(tmp)
+            if info["num_samples"] != n:
+                raise RuntimeError(f"FFCV wrote {info['num_samples']} samples, expected {n}")
+        finally:
+            if os.path.exists(errors):
+                os.remove(errors)
     return {"path": str(out), "num_samples": n, "num_classes": info["num_classes"],
             "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 3),
             "mode": mode, "max_resolution": max_resolution, "jpeg_quality": int(jpeg_quality),
@@ -341,19 +329,6 @@ def write_beton(dataset_name: str, *, split: str = "train", root=None, out, mode
 
 
 # ----------------------------------------------------------------------------- CLI
-
-MAX_SIDE = 16384  # pixels; a larger synthetic image is a typo, not a benchmark
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
-        raise argparse.ArgumentTypeError(f"width and height must lie in 1..{MAX_SIDE}, got {text!r}")
-    return w, h
-
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad option values before any source is opened or file written (one UserError each)."""
@@ -390,7 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JPEG fraction in --mode proportion")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--num-samples", type=int, default=None, help="synthetic only")
-    parser.add_argument("--image-size", type=_size, default=None,
+    parser.add_argument("--image-size", type=parse_image_size, default=None,
                         help="synthetic only: WIDTHxHEIGHT (default 400x350)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic only")
     parser.add_argument("--no-progress", action="store_true")

@@ -6,34 +6,53 @@ Pixels (0..16) are scaled to [0, 1] then normalized with the train set's pixel m
 """
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from distributed_prune.data import DataInfo, check_num_classes, reject_paths, register_dataset, \
+from ..errors import UserError
+from .base import DataInfo, check_num_classes, reject_paths, register_dataset, \
     spatial_size
-from distributed_prune.errors import UserError
 
 TEST_SIZE = 0.25
 SPLIT_SEED = 0
 
 
-def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_train, y_train, x_test, y_test)``: float32 (N, 1, 8, 8) in [0, 1]; int64 labels."""
+@functools.lru_cache(maxsize=1)
+def _sklearn_split() -> tuple[np.ndarray, ...]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=TEST_SIZE,
-                                              random_state=SPLIT_SEED, stratify=y)
+    return tuple(train_test_split(x, y, test_size=TEST_SIZE, random_state=SPLIT_SEED, stratify=y))
 
-    def images(a):
-        return torch.as_tensor(a, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
 
-    def labels(a):
-        return torch.as_tensor(a, dtype=torch.int64)
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raw digits of one split (``"train"``; anything else is the test split): pixels
+    (N, 8, 8) uint8 in 0..16 and labels (N,) int64. The one definition of the split: the
+    datasets here and the .beton writer both read it."""
+    x_tr, x_te, y_tr, y_te = _sklearn_split()
+    x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+    return x.reshape(-1, 8, 8).astype(np.uint8), y.astype(np.int64)
 
-    return images(x_tr), labels(y_tr), images(x_te), labels(y_te)
+
+def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_test, y_test)``: float32 (N, 1, 8, 8) in [0, 1]; int64 labels."""
+    out = []
+    for split in ("train", "test"):
+        pixels, labels = digits_split(split)
+        out += [torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0,
+                torch.as_tensor(labels)]
+    return tuple(out)
+
+
+def train_pixel_stats() -> tuple[float, float]:
+    """Mean and std of the train split's pixels in [0, 1] units: the normalization constants."""
+    x = load_digits_split()[0]
+    return x.mean().item(), x.std().item()
 
 
 @register_dataset("digits")
@@ -48,7 +67,7 @@ def build_digits(*, train_path=None, val_path=None, input_size=None, flatten=Fal
         raise UserError(f"bad input_size {input_size!r} for dataset 'digits': it has 1 channel")
     size = spatial_size(input_size, "digits", default=(8, 8))
     x_tr, y_tr, x_te, y_te = load_digits_split()
-    mean, std = x_tr.mean().item(), x_tr.std().item()
+    mean, std = train_pixel_stats()
     out = []
     for x in (x_tr, x_te):
         x = (x - mean) / std  # affine, so it commutes with the bilinear resize below

@@ -1,5 +1,8 @@
 """FFCV loaders over ``.beton`` files (``data.format: ffcv``), shaped like torch DataLoaders.
 
+(Over 400 lines on purpose: the three pipelines and the loader adapter share the epoch and
+resolution state and the reused-buffer rule below.)
+
 ``build_ffcv_loaders(train_path, val_path, pipeline=..., ...)`` returns
 ``(train_loader, val_loader, DataInfo)``; iterating a loader yields ``(images, labels)``: images
 a float NCHW tensor (normalized; ``channels_last`` memory format for RGB pipelines by default),
@@ -62,7 +65,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from distributed_prune.errors import UserError
+from .. import dtypes
+from ..errors import UserError
 
 __all__ = ["ffcv_available", "require_ffcv", "validate_beton", "build_ffcv_loaders",
            "FFCVLoader", "PIPELINES", "resolution_at", "INSTALL_HINT"]
@@ -206,14 +210,6 @@ def _plain_ops(train: bool, size: int) -> list:
     return [SimpleRGBImageDecoder()]
 
 
-def _digits_stats() -> tuple[float, float]:
-    """Train-split pixel mean/std in [0, 1] units, as distributed_prune.data.digits computes."""
-    from distributed_prune.data.beton import digits_split
-
-    x = torch.as_tensor(digits_split("train")[0], dtype=torch.float32) / 16.0
-    return x.mean().item(), x.std().item()
-
-
 def _pipelines() -> dict[str, Pipeline]:
     from distributed_prune.data.torchvision import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN,
                                                     CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD)
@@ -234,17 +230,6 @@ def resolution_at(epoch: int, start: int, end: int, start_epoch: int, end_epoch:
     rounded to a multiple of 32 (ffcv-imagenet's schedule)."""
     r = float(np.interp(epoch, [start_epoch, end_epoch], [start, end]))
     return max(32, int(round(r / 32)) * 32)
-
-
-def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16}
-    if str(dtype) not in table:
-        raise UserError(f"unknown dtype {dtype!r}; choose fp32, fp16 or bf16")
-    return table[str(dtype)]
 
 
 # ----------------------------------------------------------------------------- loader wrapper
@@ -377,7 +362,7 @@ def build_ffcv_loaders(train_path, val_path, *, pipeline: str = "imagenet", batc
     ``os_cache`` and buffer reuse.
     """
     require_ffcv()
-    from distributed_prune.data import DataInfo
+    from .base import DataInfo
 
     with _keep_torch_threads():
         from ffcv.loader import Loader, OrderOption
@@ -388,11 +373,13 @@ def build_ffcv_loaders(train_path, val_path, *, pipeline: str = "imagenet", batc
         raise UserError(f"batch size must be >= 1, got {batch_size} / {val_batch_size}")
     p = PIPELINES[pipeline]
     if p.gray and mean is None and normalize:  # (loads sklearn: only when needed)
-        m, s = _digits_stats()
+        from .digits import train_pixel_stats
+
+        m, s = train_pixel_stats()
         mean, std = (m,), (s,)
     mean, std = tuple(mean or p.mean), tuple(std or p.std)
     device = torch.device(device)
-    dtype = _torch_dtype(dtype)
+    dtype = dtypes.parse(dtype)
     import numba
 
     workers = min(int(num_workers or os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS)

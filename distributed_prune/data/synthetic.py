@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from distributed_prune.data import DataInfo, reject_paths, register_dataset
-from distributed_prune.errors import UserError
+from ..errors import UserError
+from .base import DataInfo, reject_paths, register_dataset
 
 DEFAULT_SHAPE = (3, 32, 32)
 

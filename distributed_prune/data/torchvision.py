@@ -13,11 +13,12 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
-from distributed_prune.data import DataInfo, check_num_classes, register_dataset, spatial_size
-from distributed_prune.errors import UserError
+from ..errors import UserError
+from .base import DataInfo, check_num_classes, register_dataset, spatial_size
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -123,7 +124,11 @@ def build_mnist(*, train_path=None, val_path=None, input_size=None, flatten=Fals
     return train, val, _info("mnist", 10, size, 1, MNIST_MEAN, MNIST_STD, flatten)
 
 
-def _build_folder(name: str, *, train_path, val_path, input_size, flatten, num_classes):
+def _build_folder(name: str, *, train_path=None, val_path=None, input_size=None, flatten=False,
+                  num_classes=None, seed=0, synthetic_size=None):
+    """``imagefolder``: any ImageFolder tree (e.g. ImageNet100); ``imagenet``: ImageNet with
+    train/ and val/ in that layout (val sorted into class folders). The class count is taken
+    from the train folders."""
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -144,17 +149,5 @@ def _build_folder(name: str, *, train_path, val_path, input_size, flatten, num_c
     return train, val, _info(name, classes, size, 3, IMAGENET_MEAN, IMAGENET_STD, flatten)
 
 
-@register_dataset("imagefolder")
-def build_imagefolder(*, train_path=None, val_path=None, input_size=None, flatten=False, seed=0,
-                      synthetic_size=None, num_classes=None):
-    """Any ImageFolder tree (e.g. ImageNet100); class count taken from the train folders."""
-    return _build_folder("imagefolder", train_path=train_path, val_path=val_path,
-                         input_size=input_size, flatten=flatten, num_classes=num_classes)
-
-
-@register_dataset("imagenet")
-def build_imagenet(*, train_path=None, val_path=None, input_size=None, flatten=False, seed=0,
-                   synthetic_size=None, num_classes=None):
-    """ImageNet (train/ and val/ in ImageFolder layout, val sorted into class folders)."""
-    return _build_folder("imagenet", train_path=train_path, val_path=val_path,
-                         input_size=input_size, flatten=flatten, num_classes=num_classes)
+for _name in ("imagefolder", "imagenet"):
+    register_dataset(_name)(functools.partial(_build_folder, _name))

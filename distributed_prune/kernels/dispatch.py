@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from . import reference
+from .triton import interpreter_enabled
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "select", "triton_usable",
            "filter_norms", "masked_conv2d", "compact_channels", "shape_bucket",
@@ -94,10 +95,6 @@ def _triton_importable() -> bool:
             except Exception:  # a broken install must not break the reference path
                 _triton_import_ok = False
     return _triton_import_ok
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_usable(device: torch.device) -> bool:

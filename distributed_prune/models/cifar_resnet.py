@@ -7,8 +7,6 @@ zero-padding of the new channels; parameter free). Module names follow torchvisi
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register
-
 
 class PadShortcut(nn.Module):
     """Option-A shortcut: x[:, :, ::s, ::s] then zero-pad channels from ``in_c`` to ``out_c``."""
@@ -77,5 +75,4 @@ def _make(depth):
     return build
 
 
-for _d in (20, 32, 56, 110):
-    register(f"resnet{_d}")(_make(_d))
+resnet20, resnet32, resnet56, resnet110 = (_make(d) for d in (20, 32, 56, 110))

@@ -1,8 +1,6 @@
 """LeNet-5 (ReLU, max-pool); works for any square input >= 8 px via adaptive pooling."""
 import torch.nn as nn
 
-from . import register
-
 
 class LeNet5(nn.Module):
     def __init__(self, num_classes=10, in_channels=1):
@@ -20,6 +18,5 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register("lenet5")
 def lenet5(num_classes=10, in_channels=1):
     return LeNet5(num_classes, in_channels)

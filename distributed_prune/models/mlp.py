@@ -1,8 +1,6 @@
 """MLP-7 of the paper: 7 linear layers of width 100 (identity or ReLU activations)."""
 import torch.nn as nn
 
-from . import register
-
 
 class MLP(nn.Module):
     """``depth`` linear layers; hidden width ``width``; input is flattened (N, in_features)."""
@@ -23,11 +21,9 @@ class MLP(nn.Module):
         return self.features(x)
 
 
-@register("mlp_7_linear")
 def mlp_7_linear(num_classes=10, in_features=64, width=100):
     return MLP(in_features, width, 7, num_classes, "linear")
 
 
-@register("mlp_7_relu")
 def mlp_7_relu(num_classes=10, in_features=64, width=100):
     return MLP(in_features, width, 7, num_classes, "relu")

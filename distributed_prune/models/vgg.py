@@ -1,11 +1,9 @@
 """VGG19 CIFAR variant ("vgg19_c"): 16 convs with BN, global average pooling, one linear layer.
 
-Widths ``[64,64,M,128,128,M,256x4,M,512x4,M,512x4]`` (PAPER.md section 5). A ``width`` multiplier
+Widths ``[64,64,M,128,128,M,256x4,M,512x4,M,512x4]`` (docs/science.md section 5). A ``width`` multiplier
 makes small variants for tests (``vgg_tiny``).
 """
 import torch.nn as nn
-
-from . import register
 
 CFG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
          512, 512, 512, 512]
@@ -31,12 +29,10 @@ class VGG(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register("vgg19_c")
 def vgg19_c(num_classes=100, in_channels=3, width=1.0):
     return VGG(CFG19, num_classes, in_channels, width)
 
 
-@register("vgg_tiny")
 def vgg_tiny(num_classes=10, in_channels=1):
     """A 4-conv VGG-style chain for fast CPU tests and the debug config."""
     return VGG([16, 16, "M", 32, 32], num_classes, in_channels)

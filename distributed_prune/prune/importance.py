@@ -13,18 +13,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..registry import Registry
 from .groups import Member
 from .ratios import PRUNABLE_TYPES
 
-CRITERIA: dict[str, Callable] = {}
-
-
-def register_criterion(name: str):
-    def deco(fn):
-        CRITERIA[name] = fn
-        return fn
-
-    return deco
+#: name -> ``fn(members, n, *, root, seed) -> scores (n,)``.
+CRITERIA: Registry[Callable] = Registry("criterion", "prune.criterion")
+register_criterion = CRITERIA.register
 
 
 def _weight_members(members: list[Member]):

@@ -86,9 +86,7 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
     """
     if example_input is None:
         raise UserError("plan: example_input is required to trace the model")
-    if criterion not in imp.CRITERIA:
-        raise UserError(f"prune.criterion: unknown criterion {criterion!r} "
-                        f"(choose from {', '.join(sorted(imp.CRITERIA))})")
+    score = imp.CRITERIA.lookup(criterion)
     graph = Graph(model, example_input)
     out_layer = output_layer(model, example_input)
     names = [n for n, _ in prunable_layers(model)]
@@ -111,7 +109,7 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
             claimed[o] = name
         n = _out_channels(model.get_submodule(name))
         k = n_pruned(r, n, round_to)
-        scores = imp.CRITERIA[criterion](members, n, root=name, seed=seed)
+        scores = score(members, n, root=name, seed=seed)
         pruned = imp.select_pruned(scores, k, pick, seed=seed, root=name)
         keep = [i for i in range(n) if i not in set(pruned)]
         groups.append(GroupPlan(name, n, keep, r, [f"{m.name}:{m.dim}" for m in members]))

@@ -1,4 +1,4 @@
-"""Layer-wise pruning ratios in the three formats of PAPER.md section 4.
+"""Layer-wise pruning ratios in the three formats of docs/science.md section 4.
 
 Every spec resolves to an explicit ``{layer_name: ratio}`` table over the model's conv/linear
 layers (in ``named_modules`` order, which is also the layer index used by range specs):

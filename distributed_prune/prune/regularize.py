@@ -1,4 +1,4 @@
-"""Regularization-based pruning: GReg-1 and TPP (PAPER.md section 3).
+"""Regularization-based pruning: GReg-1 and TPP (docs/science.md section 3).
 
 Both act on the *dense* model during a pruning phase, after the filters to prune were chosen and
 before they are physically removed.  A growing penalty factor ``reg`` follows the schedule

@@ -1,6 +1,6 @@
 """Re-initialisation of a pruned model before retraining: ``none``, ``orthp``, ``scratch``.
 
-PAPER.md section 3: pruning damages dynamical isometry; OrthP restores it for linear networks by
+docs/science.md section 3: pruning damages dynamical isometry; OrthP restores it for linear networks by
 replacing every weight with the nearest-in-spirit orthogonal matrix.  ``scratch`` re-initialises the
 pruned (already small, dense) architecture for Scratch-E / Scratch-B baselines.
 
@@ -20,12 +20,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from distributed_prune.errors import UserError
+from ..errors import UserError
+from ..registry import Registry
 
 __all__ = ["REINITS", "register_reinit", "reinit", "activation_gain", "orthogonalize_"]
 
 ReinitFn = Callable[..., nn.Module]
-REINITS: dict[str, ReinitFn] = {}
+REINITS: Registry[ReinitFn] = Registry("reinit method", "prune.reinit")
 
 # Layers whose weight OrthP orthogonalises (subclasses included).
 _ORTH_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,12 +34,7 @@ _ORTH_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def register_reinit(name: str) -> Callable[[ReinitFn], ReinitFn]:
     """Decorator adding ``fn(model, *, activation) -> model`` to ``REINITS`` under ``name``."""
-    def deco(fn: ReinitFn) -> ReinitFn:
-        if name in REINITS:
-            raise ValueError(f"reinit method {name!r} is already registered")
-        REINITS[name] = fn
-        return fn
-    return deco
+    return REINITS.register(name)
 
 
 def reinit(name: str, model: nn.Module, *, activation: str = "relu") -> nn.Module:
@@ -47,9 +43,7 @@ def reinit(name: str, model: nn.Module, *, activation: str = "relu") -> nn.Modul
     Raises:
         UserError: unknown ``name`` (the message lists the valid ones) or unknown ``activation``.
     """
-    if name not in REINITS:
-        raise UserError(f"unknown reinit method {name!r}; valid: {', '.join(sorted(REINITS))}")
-    return REINITS[name](model, activation=activation)
+    return REINITS.lookup(name)(model, activation=activation)
 
 
 def activation_gain(activation: str) -> float:

@@ -1,5 +1,8 @@
 """DeepSpeed engine (``dist.engine=deepspeed``): the only module that imports deepspeed.
 
+(Over 400 lines on purpose: everything DeepSpeed-specific, config reconciliation, exact resume
+and its own checkpoint format, stays in this one module.)
+
     torchrun --nproc_per_node 8 -m distributed_prune run CONFIG dist.engine=deepspeed \
         dist.deepspeed_config=configs/deepspeed/zero1_bf16.json train.amp=bf16
     deepspeed --num_gpus 8 --no_local_rank --module distributed_prune run CONFIG dist.engine=deepspeed
@@ -46,8 +49,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
+from pathlib import Path
 
 import deepspeed  # without CUDA, DeepSpeed picks its CPU accelerator (DS_ACCELERATOR=cpu says so)
 import torch
@@ -61,8 +66,8 @@ from deepspeed.utils import (
 )
 
 from .. import dist
+from ..dtypes import amp_dtype
 from ..errors import UserError
-from .engine import amp_dtype, load_json, register_engine
 
 
 def _quiet():
@@ -80,7 +85,15 @@ DEFAULT_CONFIG = {
     "wall_clock_breakdown": False,
 }
 
-_PRECISION = {"none": None, "bf16": "bf16", "fp16": "fp16"}
+
+def load_json(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"dist.deepspeed_config {p}: file not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"dist.deepspeed_config {p}: invalid JSON ({e})") from None
 
 
 def resolve_config(raw: dict | None, *, micro_batch: int, grad_accum: int, world_size: int,
@@ -121,7 +134,7 @@ def resolve_config(raw: dict | None, *, micro_batch: int, grad_accum: int, world
         raise UserError(f"{source}: zero_optimization.overlap_comm=true needs stage 2 here "
                         "(managed_gradient_accumulation=false)")
     # precision: one setting (train.amp); the JSON may state it, never contradict it
-    want_prec = _PRECISION[amp]
+    want_prec = None if amp == "none" else amp
     for key in ("bf16", "fp16"):
         sect = cfg.get(key)
         enabled = sect.get("enabled", "auto") if isinstance(sect, dict) else "auto"
@@ -159,7 +172,6 @@ def _hooks_snapshot(module: nn.Module) -> dict:
     return {id(m): {n: set(getattr(m, n, {})) for n in names} for m in module.modules()}
 
 
-@register_engine("deepspeed")
 class DeepSpeedEngine:
     """A ``deepspeed.DeepSpeedEngine`` around our model and torch optimizer (see module doc)."""
 
@@ -364,11 +376,12 @@ def _state_keys(base):
     return [], {}
 
 
-def init_distributed(backend: str, timeout):
-    """``deepspeed.init_distributed`` for :func:`distributed_prune.dist.init` (keeps the deepspeed
-    import here). On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory
-    all-reduce op (about a minute on 2 cores) that only its inference all-reduce uses; training
-    uses torch.distributed (gloo), so the build is skipped unless ``DPRUNE_DS_SHM=1``."""
+def _init_comm(backend: str):
+    """``deepspeed.init_distributed``: DeepSpeed's communication layer adopts the torch.distributed
+    group that :func:`distributed_prune.dist.init` (or :func:`_ensure_process_group`) made. On
+    CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op (about a
+    minute on 2 cores) that only its inference all-reduce uses; training uses torch.distributed
+    (gloo), so the build is skipped unless ``DPRUNE_DS_SHM=1``."""
     _quiet()
     if deepspeed.get_accelerator().device_name() == "cpu" and os.environ.get("DPRUNE_DS_SHM") != "1":
         import importlib
@@ -377,8 +390,7 @@ def init_distributed(backend: str, timeout):
         ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
         if hasattr(ds_torch_comm, "build_shm_op"):
             ds_torch_comm.build_shm_op = lambda: None
-    kw = {"timeout": timeout} if timeout is not None else {}
-    deepspeed.init_distributed(dist_backend=backend, **kw)
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def _ensure_process_group(device: torch.device):
@@ -391,4 +403,4 @@ def _ensure_process_group(device: torch.device):
     import deepspeed.comm as ds_comm
 
     if not ds_comm.is_initialized():
-        init_distributed(tdist.get_backend(), None)
+        _init_comm(tdist.get_backend())

@@ -7,31 +7,20 @@ imports deepspeed. Both expose the same small API, used by :mod:`.loop`.
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .. import dist
+from ..dtypes import amp_dtype
 from ..errors import UserError
+from ..registry import Registry
 
-ENGINES: dict[str, type] = {}
-
-
-def register_engine(name):
-    def deco(cls):
-        ENGINES[name] = cls
-        return cls
-
-    return deco
+#: ``dist.engine`` -> engine class (``cls(model, optimizer, *, device, amp, ...)``).
+ENGINES: Registry[type] = Registry("engine", "dist.engine")
 
 
-def amp_dtype(amp: str):
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-@register_engine("ddp")
+@ENGINES.register("ddp")
 class DDPEngine:
     """Plain PyTorch: DDP when the world is larger than one, the bare module otherwise.
 
@@ -103,20 +92,14 @@ class DDPEngine:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def _deepspeed_engine() -> type:
+    from .deepspeed_engine import DeepSpeedEngine  # deepspeed is imported by the runs using it
+
+    return DeepSpeedEngine
+
+
+ENGINES.add_lazy("deepspeed", _deepspeed_engine)
+
+
 def build_engine(name: str, model, optimizer, **kw):
-    if name not in ENGINES:
-        if name == "deepspeed":
-            from . import deepspeed_engine  # noqa: F401  (registers "deepspeed")
-        if name not in ENGINES:
-            raise UserError(f"dist.engine: unknown engine {name!r}")
-    return ENGINES[name](model, optimizer, **kw)
-
-
-def load_json(path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"dist.deepspeed_config {p}: file not found")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"dist.deepspeed_config {p}: invalid JSON ({e})") from None
+    return ENGINES.lookup(name)(model, optimizer, **kw)

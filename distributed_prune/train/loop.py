@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .. import dist
 
 
-def _to(x, device, channels_last):
+def to_device(x, device, channels_last):
+    """Input batch ``x`` on ``device``, channels-last when asked (4-D only), without a host sync."""
     x = x.to(device, non_blocking=True)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -42,7 +43,7 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
 
         bar = tqdm(total=n_batches, desc=desc, leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(loader):
-        x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+        x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         last_micro = (i + 1) % grad_accum == 0 or i + 1 == n_batches
         if i % grad_accum == 0:
             lr_driver.step(epoch, it)

@@ -1,5 +1,8 @@
 """Learning-rate schedules, written as text the way the paper's scripts write them.
 
+(Over 400 lines on purpose: the grammar, its parser and one small class per schedule kind
+change together.)
+
 Grammar accepted by :func:`parse_schedule` (whitespace is ignored)::
 
     0:0.01,60:0.001,90:0.0001     step dictionary: LR set at the START of each listed epoch,
@@ -20,7 +23,7 @@ Grammar accepted by :func:`parse_schedule` (whitespace is ignored)::
 Epochs are 0-based.  ``Schedule.text`` is the canonical form; schedules compare equal when
 their canonical forms are equal, so ``multistep:0.1:0.1:30`` == ``0:0.1,30:0.01``.
 
-PxFy (PAPER.md section 4): prune at epoch x of ONE overall schedule S over T epochs, then
+PxFy (docs/science.md section 4): prune at epoch x of ONE overall schedule S over T epochs, then
 retrain with ``S.offset(x)`` for T - x epochs; ``S.offset(x).lr_at(e, total_epochs=T - x)``
 equals ``S.lr_at(x + e, total_epochs=T)``.
 
@@ -76,11 +79,6 @@ class Schedule:
     def text(self) -> str:
         """Canonical text; ``parse_schedule(s.text) == s``."""
         raise NotImplementedError
-
-    @property
-    def needs_total_epochs(self) -> bool:
-        """True when :meth:`lr_at` depends on ``total_epochs``."""
-        return False
 
     def first_stage_epochs(self, total_epochs: int) -> int:
         """Length in epochs of the first constant-LR stage (capped at ``total_epochs``).
@@ -200,10 +198,6 @@ class CosineSchedule(Schedule):
     def text(self):
         return f"cosine:{_fmt(self.lr0)}:{_fmt(self.lr_min)}"
 
-    @property
-    def needs_total_epochs(self):
-        return True
-
     def first_stage_epochs(self, total_epochs):
         return int(total_epochs)
 
@@ -227,10 +221,6 @@ class WarmupSchedule(Schedule):
     @property
     def text(self):
         return f"warmup:{self.epochs}+{self.inner.text}"
-
-    @property
-    def needs_total_epochs(self):
-        return self.inner.needs_total_epochs
 
     def first_stage_epochs(self, total_epochs):
         """That of the wrapped schedule (the warmup is part of the first stage)."""
@@ -261,10 +251,6 @@ class OffsetSchedule(Schedule):
     @property
     def text(self):
         return f"offset:{self.start}+{self.inner.text}"
-
-    @property
-    def needs_total_epochs(self):
-        return self.inner.needs_total_epochs
 
     def first_stage_epochs(self, total_epochs):
         n = self.inner.first_stage_epochs(int(total_epochs) + self.start) - self.start

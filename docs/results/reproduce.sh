@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates docs/results/ (the CPU-scale reproduction of PAPER.md's findings on digits).
+# Regenerates docs/results/ (the CPU-scale reproduction, on digits, of the findings in docs/science.md).
 #   bash launch/env.sh && DPRUNE=.venv/bin/dprune bash docs/results/reproduce.sh
 # Grid per model: ratios {0.3,0.5,0.7,0.9} x retrain LR {0.01,0.001} x {L1, L1+OrthP, TPP, Scratch}
 # x 3 seeds; every run of a seed starts from that seed's base model (S2 or stricter).

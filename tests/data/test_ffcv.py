@@ -18,7 +18,8 @@ import torch
 pytest.importorskip("ffcv")
 
 from distributed_prune.data.beton import (  # noqa: E402
-    SyntheticImages, digits_split, write_beton, write_dataset)
+    SyntheticImages, write_beton, write_dataset)
+from distributed_prune.data.digits import digits_split  # noqa: E402
 from distributed_prune.data.ffcv import (  # noqa: E402
     build_ffcv_loaders, resolution_at, validate_beton)
 from distributed_prune.errors import UserError  # noqa: E402

@@ -108,3 +108,24 @@ def test_fast_path_options_bf16_channels_last_grad_accum(tmp_path):
     assert s["final"]["top1"] > 0.5
     rows = _rows(d)
     assert all(r["train_loss"] == r["train_loss"] for r in rows)  # no NaN
+
+
+def test_verbosity_switch_and_epoch_hooks(tmp_path, capsys):
+    """output.verbose=false drops the per-epoch lines; epoch hooks see every epoch's row once,
+    after it was logged (the same rows as metrics.jsonl)."""
+    _run(tmp_path, "loud", retrain__epochs=1)
+    loud = capsys.readouterr().out.splitlines()
+    epochs = [ln for ln in loud if ln.startswith(("[pretrain ", "[retrain "))]
+    assert [ln.split("]")[0] for ln in epochs] == ["[pretrain 1/2", "[pretrain 2/2", "[retrain 1/1"]
+    assert any(ln.startswith("[pruned]") for ln in loud)
+    seen = []
+    d = json.loads(json.dumps(BASE))
+    d["pretrain"].update(epochs=2, lr_schedule="0:0.05")
+    d["retrain"].update(epochs=1, lr_schedule="0:0.01")
+    d["trainability"]["samples"] = 8
+    d["output"].update(dir=str(tmp_path / "quiet"), verbose=False)
+    pipeline.run(config.from_dict(d), epoch_hooks=[lambda end: seen.append(dict(end.row))])
+    quiet = capsys.readouterr().out
+    assert quiet.strip() == "", quiet
+    assert seen == _rows(tmp_path / "quiet")
+    assert [(r["stage"], r["epoch"]) for r in seen] == [("pretrain", 0), ("pretrain", 1), ("retrain", 0)]

@@ -18,9 +18,10 @@ SMALL = ["pretrain.epochs=3", "pretrain.lr_schedule=0:0.05,2:0.005", "retrain.ep
 
 
 def _run(out, *extra, env=None):
+    """``dprune run`` in a subprocess whose working directory is the run's (temporary) parent."""
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "distributed_prune", "run", DEBUG, f"output.dir={out}", *SMALL,
-                           *extra], capture_output=True, text=True, timeout=600, env=e, cwd=ROOT)
+                           *extra], capture_output=True, text=True, timeout=600, env=e, cwd=Path(out).parent)
 
 
 @pytest.fixture(scope="module")

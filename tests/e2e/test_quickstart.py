@@ -7,7 +7,15 @@ from distributed_prune.cli import main
 def test_quickstart_fast(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--fast"]) == 0
-    assert "report" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "report" in shown.out
+    # a progress bar per arm (stderr) and a short table, not a line per epoch
+    lines = shown.out.splitlines()
+    assert len(lines) <= 12 and not [ln for ln in lines if ln.startswith(("[pretrain", "[retrain", "[pruned]"))]
+    for label in ("LR 0.01", "LR 0.001", "LR 0.01 + OrthP"):
+        assert sum(ln.strip().split("  ")[0] == label for ln in lines) == 1, label
+    assert {"base (pretrain)", "LR 0.01", "LR 0.001", "LR 0.01 + OrthP"} <= \
+        {part.split(":")[0].strip() for part in shown.err.replace("\r", "\n").splitlines() if "epoch" in part}
     data = json.loads((out / "quickstart.json").read_text())
     assert set(data["jsv_by_ratio"]) == {"0.0", "0.1", "0.3", "0.5", "0.7", "0.9"}
     vals = list(data["jsv_by_ratio"].values())

@@ -1,12 +1,14 @@
-"""Smoke test of `dprune bench kernels` on CPU (tiny settings; timings are not checked)."""
+"""`dprune bench kernels` on CPU (tiny settings; timings are not checked) and the tuning table
+it writes, as the kernel dispatcher reads it."""
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("torchvision")
 
 
-def test_bench_kernels_cpu_smoke(tmp_path, monkeypatch, capsys):
+def test_bench_kernels_cpu_smoke(tmp_path, capsys):
     from distributed_prune.bench import kernels as bench
     from distributed_prune.kernels import dispatch
 
@@ -23,10 +25,55 @@ def test_bench_kernels_cpu_smoke(tmp_path, monkeypatch, capsys):
     assert result["backends"]["triton"]                   # a reason: not timed without a GPU
     text = capsys.readouterr().out
     assert "relative to dense" in text and "n/a" in text
-    # one backend measured -> nothing to choose between; the table is still valid JSON
-    assert json.loads(tuning.read_text())["version"] == 1
-    monkeypatch.setenv("DPRUNE_TUNING_FILE", str(tuning))
-    assert isinstance(dispatch.load_tuning(), dict)
+    # one backend measured -> nothing to choose between: a valid table without entries
+    table = json.loads(tuning.read_text())
+    assert table["version"] == 1 and table["entries"] == {}
+    assert dispatch.load_tuning(tuning) == {}
+
+
+ROW = {"layer": "conv", "count": 1, "x": [8, 64, 16, 16], "w": [64, 64, 3, 3], "stride": 1,
+       "sparsity": 0.5, "dense_ms": 1.0}
+CPU = torch.device("cpu")
+
+
+def _select(monkeypatch, table_path):
+    from distributed_prune.kernels import dispatch
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)          # backend "auto"
+    monkeypatch.setenv(dispatch.TUNING_ENV_VAR, str(table_path))
+    bucket = dispatch.shape_bucket(ROW["x"], ROW["w"], (1, 1), 1, 1.0 - ROW["sparsity"])
+    return dispatch.select("masked_conv2d", CPU, lambda: bucket)
+
+
+@pytest.mark.parametrize("fast", ["reference", "triton"])
+def test_tuning_table_selects_the_faster_backend(tmp_path, monkeypatch, fast):
+    """Two measured backends: the table written by the benchmark makes ``select`` return the
+    faster one (triton runs on CPU here under TRITON_INTERPRET=1, see conftest)."""
+    from distributed_prune.bench.kernels import write_tuning
+    from distributed_prune.kernels import dispatch
+
+    if not dispatch.triton_usable(CPU):
+        pytest.skip("needs triton (TRITON_INTERPRET=1 on CPU)")
+    slow = {"reference": "triton", "triton": "reference"}[fast]
+    path = tmp_path / f"tuning_{fast}.json"
+    n = write_tuning(path, CPU, [dict(ROW, **{f"{fast}_ms": 1.0, f"{slow}_ms": 3.0})],
+                     {"reference": "", "triton": ""})
+    assert n == 1 and list(dispatch.load_tuning(path).values()) == [fast]
+    assert _select(monkeypatch, path) == fast
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 1, "entries": {"k": "gpu9"}}'])
+def test_unusable_tuning_table_gives_the_default_choice(tmp_path, monkeypatch, content):
+    """A corrupt table, or one naming no known backend, is ignored: ``select`` makes the choice
+    it makes without a table (triton where it can run, else the reference)."""
+    from distributed_prune.kernels import dispatch
+
+    path = tmp_path / "tuning.json"
+    path.write_text(content)
+    assert dispatch.load_tuning(path) == {}
+    default = "triton" if dispatch.triton_usable(CPU) else "reference"
+    assert _select(monkeypatch, path) == default
+    assert _select(monkeypatch, tmp_path / "absent.json") == default
 
 
 def test_resnet50_shapes_come_from_torchvision():

@@ -1,4 +1,4 @@
-"""MACs through torch.utils.flop_counter against PAPER.md section 5 (within 1%)."""
+"""MACs through torch.utils.flop_counter against docs/science.md section 5 (within 1%)."""
 import copy
 
 import pytest

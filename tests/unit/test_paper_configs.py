@@ -22,7 +22,7 @@ def test_there_are_paper_configs():
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
 def test_paper_config_builds(path):
     text = path.read_text()
-    assert text.startswith("# PAPER.md"), "each file says which PAPER.md table it reproduces"
+    assert text.startswith("# docs/science.md section"), "each file names the table it reproduces"
     cfg = config.load(path)
     nc = cfg.model.num_classes or CLASSES[cfg.data.name]
     kw = {"in_features": 1024} if cfg.model.name.startswith("mlp") else {}

@@ -1,4 +1,4 @@
-"""Comparison-setup checker on constructed run sets (PAPER.md section 2)."""
+"""Comparison-setup checker on constructed run sets (docs/science.md section 2)."""
 import copy
 
 import pytest

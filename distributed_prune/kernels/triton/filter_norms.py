@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import interpreter_enabled
+from . import interpreter_enabled
 
 MODE_L1_MEAN, MODE_L2, MODE_TAYLOR = 0, 1, 2
 

@@ -1,5 +1,8 @@
 """Masked 2-D convolution that only computes active channels (Triton, implicit GEMM).
 
+(Over 400 lines on purpose: the forward, weight-grad and input-grad kernels share one gather
+and one tile-size rule and must change together.)
+
 Forward: gather the active filters (rows of ``weight`` where ``out_mask != 0``; and, for groups=1,
 the active input channels where ``in_mask != 0``) into a compact weight ``Wc`` of shape
 (M_act, C_act, KH, KW), run an implicit-GEMM convolution over the active channels only
@@ -21,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import interpreter_enabled
+from . import interpreter_enabled
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,192 @@
+"""One training stage: ``epochs`` epochs of :func:`.loop.train_epoch` with an engine, an LR
+schedule, an optional regularizer, evaluation and per-epoch hooks.
+
+Pretraining, the regularization phase, iterative-pruning cycles and retraining are all this
+function with different arguments. What happens after each epoch (logging, checkpointing, JSV,
+anything a caller adds) is a list of hooks receiving an :class:`EpochEnd`; hooks run in order
+on every rank, and may add keys to ``row`` before a later hook logs it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from .engine import build_engine
+from .loop import train_epoch
+from .optim import build_optimizer
+from .schedules import EpochIterLR, parse_schedule
+
+__all__ = ["EngineSettings", "OptimSettings", "EpochEnd", "EpochHook", "train_epochs",
+           "rng_state", "set_rng_state", "setup_backends", "micro_batch"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the model is wrapped and stepped (``dist.*`` and ``train.*`` of a config)."""
+    device: torch.device
+    name: str = "ddp"
+    amp: str = "none"
+    sync_bn: bool = False
+    bucket_cap_mb: int = 25
+    static_graph: bool = False
+    compile: bool = False
+    grad_accum: int = 1
+    ds_config: Optional[str] = None
+    micro_batch: Optional[int] = None
+    world_size: int = 1
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The optimizer of one stage (``pretrain.*`` / ``retrain.*`` of a config)."""
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def of(cls, stage_cfg) -> "OptimSettings":
+        return cls(stage_cfg.optimizer, stage_cfg.momentum, stage_cfg.weight_decay,
+                   stage_cfg.nesterov, stage_cfg.label_smoothing)
+
+
+@dataclass
+class EpochEnd:
+    """What an epoch hook sees after epoch ``epoch`` (0-based) of ``epochs``."""
+    stage: str
+    epoch: int
+    epochs: int
+    row: dict                       # the metrics row; hooks may add keys
+    module: nn.Module               # the unwrapped model being trained
+    training_state: Callable[[], dict] = field(repr=False)
+    """engine / LR-driver / RNG state for a checkpoint. A collective under DeepSpeed ZeRO (it
+    gathers the partitioned optimizer state): call it on every rank or on none."""
+    stop: bool = False
+    """Set by a hook to end the stage after this epoch (e.g. an end condition of a
+    regularization phase); every rank must decide the same."""
+
+
+EpochHook = Callable[[EpochEnd], None]
+
+
+def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: int, schedule: str,
+                 optim: OptimSettings, engine: EngineSettings,
+                 evaluate: Callable[[nn.Module], float], start_epoch: int = 0,
+                 resume: Optional[dict] = None, regularizer=None,
+                 hooks: Sequence[EpochHook] = (), progress: bool = False) -> nn.Module:
+    """Train epochs ``start_epoch .. epochs-1``; returns the plain (unwrapped) module.
+
+    ``resume``: the training state of the checkpoint resumed from (engine, lr, rng), or None.
+    ``regularizer``: a GReg-like object (``step(it)``, ``apply_(module)``, ``reg_at(it)``) or a
+    TPP-like one (also ``loss(module)``). ``evaluate(module) -> top1`` runs after each epoch."""
+    if epochs <= 0 or start_epoch >= epochs:
+        return model
+    model.to(engine.device)
+    if engine.channels_last:
+        model.to(memory_format=torch.channels_last)
+    sched = parse_schedule(schedule)
+    opt = build_optimizer(model, name=optim.optimizer, lr=sched.lr_at(0, total_epochs=epochs),
+                          momentum=optim.momentum, weight_decay=optim.weight_decay,
+                          nesterov=optim.nesterov)
+    eng = build_engine(engine.name, model, opt, device=engine.device, amp=engine.amp,
+                       sync_bn=engine.sync_bn, bucket_cap_mb=engine.bucket_cap_mb,
+                       static_graph=engine.static_graph, compile=engine.compile,
+                       grad_accum=engine.grad_accum, ds_config=engine.ds_config,
+                       micro_batch=engine.micro_batch, world_size=engine.world_size)
+    iters = max(1, -(-len(train_loader) // engine.grad_accum))
+    lr_driver = EpochIterLR(eng, schedule, epochs, iters)
+    if resume is not None:
+        eng.load_state_dict(resume["engine"])
+        lr_driver.load_state_dict(resume["lr"])
+        set_rng_state(resume["rng"])
+    extra_loss, grad_hook = _regularizer_hooks(regularizer, eng.module)
+
+    def training_state():
+        return {"engine": eng.state_dict(), "lr": lr_driver.state_dict(), "rng": rng_state()}
+
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        _set_epoch(train_loader, epoch)
+        stats = train_epoch(eng, train_loader, epoch=epoch, lr_driver=lr_driver,
+                            grad_accum=engine.grad_accum, label_smoothing=optim.label_smoothing,
+                            channels_last=engine.channels_last, extra_loss=extra_loss,
+                            grad_hook=grad_hook, iteration0=epoch * iters, progress=progress,
+                            desc=f"{stage} {epoch + 1}/{epochs}")
+        eng.sync_buffers()  # rank 0's BN statistics on every rank: eval == checkpoint
+        top1 = evaluate(eng.module)
+        row = {"stage": stage, "epoch": epoch, "lr": sched.lr_at(epoch, total_epochs=epochs),
+               "train_loss": stats["train_loss"], "train_top1": stats["train_top1"], "top1": top1,
+               "time_s": round(time.time() - t0, 3)}
+        if regularizer is not None:
+            row["reg"] = regularizer.reg_at(epoch * iters + iters - 1)
+        end = EpochEnd(stage, epoch, epochs, row, eng.module, training_state)
+        for hook in hooks:
+            hook(end)
+        if end.stop:
+            break
+    model = eng.finish()  # the plain module (DeepSpeed: fp32 master weights, hooks removed)
+    del eng
+    return model
+
+
+def _regularizer_hooks(regularizer, module):
+    """(extra_loss, grad_hook) for train_epoch: TPP adds a loss term, GReg adds a penalty
+    gradient on the pruned filters after backward; both advance the penalty schedule."""
+    if regularizer is None:
+        return None, None
+    extra_loss = (lambda: regularizer.loss(module)) if hasattr(regularizer, "loss") else None
+    apply_fn = getattr(regularizer, "apply_", None)
+
+    def grad_hook(it):
+        regularizer.step(it)
+        if apply_fn is not None:
+            apply_fn(module)
+
+    return extra_loss, grad_hook
+
+
+def _set_epoch(loader, epoch):
+    if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    elif hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def setup_backends(device: torch.device, *, seed: int, cudnn_benchmark: bool, deterministic: bool):
+    """Seed, cuDNN autotuning and TF32 on CUDA, deterministic algorithms if asked."""
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def micro_batch(batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Per-rank, per-micro-step batch of a global ``batch_size``."""
+    denom = world_size * grad_accum
+    if batch_size % denom:
+        raise UserError(f"data.batch_size={batch_size} is not divisible by world size x "
+                        f"train.grad_accum = {denom}")
+    return batch_size // denom
