@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
@@ -31,6 +32,22 @@ def check_at_least(option: str, value, least: int = 1) -> None:
     """``--option`` must be an integer >= ``least`` (argparse only checks that it is an integer)."""
     if value is not None and value < least:
         raise UserError(f"{option}: must be >= {least}, got {value}")
+
+
+def check_output_file(option: str, path) -> None:
+    """``--out FILE``-like options: a file name whose nearest existing ancestor is a directory.
+    Checked before any work or write, so a long command never ends unable to save (and a bad
+    second path never leaves the first file behind)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not str(path).strip() or "\0" in str(path) or p.is_dir():
+        raise UserError(f"{option} {str(path)!r}: expected a file name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is not a directory")
+            break
 
 
 def parse_input_size(text: str) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import rundir, setups
+from .cmdline import check_output_file
 from .errors import UserError
 from .run_report import atomic_write, figure, md_table, save_figure, write_run_report  # noqa: F401
 
@@ -72,21 +73,6 @@ def _check_shape(summary: dict, path: Path) -> None:
     for key in _SECTIONS:
         if summary.get(key) is not None and not isinstance(summary[key], dict):
             raise UserError(f"{path}: {key!r} must be a JSON object, got {type(summary[key]).__name__}")
-
-
-def check_output_path(option: str, path) -> None:
-    """``--out`` / ``--plot``: a file name whose nearest existing ancestor is a directory.
-    Checked before any file is written, so a bad second path never leaves the first one behind."""
-    if path is None:
-        return
-    p = Path(path)
-    if not str(path).strip() or "\0" in str(path) or p.is_dir():
-        raise UserError(f"{option} {str(path)!r}: expected a file name")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{option} {path}: {parent} is not a directory")
-            break
 
 
 def load_runs(dirs: Iterable[str | os.PathLike]) -> list[dict]:
@@ -380,8 +366,8 @@ def cli_report(args) -> int:
     ``reason``, ``fair``, ``rows``, ``paper_table``, ``scratch_budgets``, ``cross_validation``,
     ``details``); ``--out`` writes the markdown atomically, ``--plot`` a PNG of accuracy vs speedup.
     """
-    check_output_path("--out", getattr(args, "out", None))
-    check_output_path("--plot", getattr(args, "plot", None))
+    check_output_file("--out", getattr(args, "out", None))
+    check_output_file("--plot", getattr(args, "plot", None))
     runs = load_runs(args.runs)
     if not runs:
         raise UserError(f"no complete runs in {' '.join(map(str, args.runs))}")

@@ -21,14 +21,13 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .. import dtypes, fileio, flops, models, prune
-from ..cmdline import parse_input_size
+from ..cmdline import check_output_file, parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
 from ..train.loop import train_epoch
@@ -54,16 +53,7 @@ def check_seed_and_out(args) -> None:
     fail to save its result."""
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed: must lie in 0..{MAX_SEED}, got {args.seed}")
-    if args.out is None:
-        return
-    out = Path(args.out)
-    if not str(args.out).strip() or "\0" in str(args.out) or out.is_dir():
-        raise UserError(f"--out {args.out!r}: expected a file name for the JSON results")
-    for parent in out.parents:  # the nearest existing ancestor must be a directory
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--out {args.out}: {parent} is not a directory")
-            break
+    check_output_file("--out", args.out)
 
 
 MAX_SEED = 2**32 - 1
