@@ -1,4 +1,5 @@
-"""Install: ``pip install .`` (add ``[ffcv]``, ``[deepspeed]``, ``[dev]`` as needed).
+"""Install: ``pip install .`` (add ``[ffcv]``, ``[deepspeed]``, ``[tensorboard]``, ``[export]``,
+``[dev]`` as needed).
 
 Runtime requirements are loose on purpose (bring your own CUDA torch); the versions used for
 development and CI are pinned in launch/constraints.txt. The optional native extension in csrc/
@@ -53,6 +54,8 @@ setup(
     extras_require={
         "ffcv": ["ffcv>=1.0.2"],  # needs pkg-config, libturbojpeg and libopencv (see launch/env.sh)
         "deepspeed": ["deepspeed>=0.14"],
+        "tensorboard": ["tensorboard>=2.14"],                     # output.tensorboard: true
+        "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.17"],  # dprune export --format onnx
         "dev": ["pytest", "pytest-timeout", "ninja"],
     },
     entry_points={"console_scripts": ["dprune=distributed_prune.cli:main"]},

@@ -1,19 +1,21 @@
-// dprune native ops: masked convolution over active channels and multi-tensor channel compaction.
+// dprune native ops: masked convolution over the active channels only.
 //
-// Registered with TORCH_LIBRARY under the namespace `dprune`; the kernels are written against
+// Registered with TORCH_LIBRARY under the namespace `dprune_mc` (not `dprune`: that namespace
+// held the previous, index-less schema, and a stale build of it must not collide with this one);
+// the kernels are written against
 // ATen only, so the same code runs on CPU (oneDNN/native conv) and CUDA (cuDNN) tensors.
 // Autograd and fake (meta) implementations are registered from Python
 // (distributed_prune/kernels/native.py) so the ops also work under torch.compile.
 //
-//   dprune::masked_conv2d(x, weight, bias?, out_mask, in_mask?, stride, padding, dilation, groups)
+//   dprune_mc::masked_conv2d(x, weight, bias?, out_mask, in_mask?, stride, padding, dilation, groups)
 //       == conv2d(x * in_mask, weight * out_mask[:, None, None, None], bias * out_mask)
-//   dprune::masked_conv2d_backward(grad_y, x, weight, out_mask, in_mask?, ..., output_mask[3])
+//   dprune_mc::masked_conv2d_backward(grad_y, x, weight, out_mask, in_mask?, ..., output_mask[3])
 //       -> (grad_x, grad_weight, grad_bias); an output not requested is an empty tensor.
-//   dprune::compact_channels(tensors[], dims[], index) -> [t.index_select(d, index) ...]
+//   out_index / in_index (optional): the active channels, nonzero(out_mask) / nonzero(in_mask),
+//       precomputed by the caller (MaskedConv2d caches them) so no call synchronises on nonzero.
 #include <Python.h>
 
 #include <ATen/ATen.h>
-#include <ATen/WrapDimUtils.h>
 #include <torch/library.h>
 
 #include <array>
@@ -40,25 +42,34 @@ struct Plan {
 
 at::Tensor nonzero_index(const at::Tensor& mask) { return at::nonzero(mask.ne(0)).view({-1}); }
 
+// A given index (defined) is trusted to equal nonzero(mask): computing it here would cost a
+// device-to-host synchronisation on every call.
+at::Tensor active_index(const at::Tensor& mask, const c10::optional<at::Tensor>& given) {
+  if (given.has_value() && given->defined()) return given->to(mask.device(), at::kLong);
+  return nonzero_index(mask);
+}
+
 Plan make_plan(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out_mask,
-               const c10::optional<at::Tensor>& in_mask, int64_t groups) {
+               const c10::optional<at::Tensor>& in_mask, int64_t groups,
+               const c10::optional<at::Tensor>& out_index,
+               const c10::optional<at::Tensor>& in_index) {
   const int64_t C = x.size(1), O = weight.size(0);
   const auto dt = weight.scalar_type();
   Plan p;
   const bool has_in = in_mask.has_value() && in_mask->defined();
   if (groups == 1) {
     p.mode = Mode::kGather;
-    p.out_idx = nonzero_index(out_mask);
+    p.out_idx = active_index(out_mask, out_index);
     p.out_scale = out_mask.index_select(0, p.out_idx).to(dt);
     if (has_in) {
-      p.in_idx = nonzero_index(*in_mask);
+      p.in_idx = active_index(*in_mask, in_index);
       p.in_scale = in_mask->index_select(0, p.in_idx).to(dt);
     }
   } else if (groups == C && O == C && weight.size(1) == 1) {
     p.mode = Mode::kDepthwise;
     // Filters whose only input is masked still emit their bias, so gather by out_mask alone;
     // in_scale zeroes their weights.
-    p.out_idx = nonzero_index(out_mask);
+    p.out_idx = active_index(out_mask, out_index);
     p.out_scale = out_mask.index_select(0, p.out_idx).to(dt);
     if (has_in) p.in_scale = in_mask->index_select(0, p.out_idx).to(dt);
   } else {
@@ -112,12 +123,12 @@ std::pair<at::Tensor, at::Tensor> gather(const Plan& p, const at::Tensor& x,
 
 void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out_mask,
                 const c10::optional<at::Tensor>& in_mask) {
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "dprune::masked_conv2d: expected 4-D input and weight");
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "dprune_mc::masked_conv2d: expected 4-D input and weight");
   TORCH_CHECK(out_mask.dim() == 1 && out_mask.size(0) == weight.size(0),
-              "dprune::masked_conv2d: out_mask must have one value per output channel");
+              "dprune_mc::masked_conv2d: out_mask must have one value per output channel");
   TORCH_CHECK(!in_mask.has_value() || !in_mask->defined() ||
                   (in_mask->dim() == 1 && in_mask->size(0) == x.size(1)),
-              "dprune::masked_conv2d: in_mask must have one value per input channel");
+              "dprune_mc::masked_conv2d: in_mask must have one value per input channel");
 }
 
 }  // namespace
@@ -125,12 +136,14 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
 at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const at::Tensor& out_mask,
                          const c10::optional<at::Tensor>& in_mask, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         const c10::optional<at::Tensor>& out_index,
+                         const c10::optional<at::Tensor>& in_index) {
   check_args(x, weight, out_mask, in_mask);
   const auto fmt = x.suggest_memory_format();
   const std::vector<int64_t> no_out_pad{0, 0};
   const bool has_bias = bias.has_value() && bias->defined();
-  Plan p = make_plan(x, weight, out_mask, in_mask, groups);
+  Plan p = make_plan(x, weight, out_mask, in_mask, groups, out_index, in_index);
   if (p.mode == Mode::kDense) {
     const auto m = out_mask.to(weight.scalar_type());
     at::Tensor xe = x;
@@ -163,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& out_mask, const c10::optional<at::Tensor>& in_mask, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const c10::optional<at::Tensor>& out_index,
+    const c10::optional<at::Tensor>& in_index) {
   check_args(x, weight, out_mask, in_mask);
   const auto fmt = x.suggest_memory_format();
   const std::vector<int64_t> no_out_pad{0, 0};
@@ -171,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
   at::Tensor gx = at::empty({0}, x.options());
   at::Tensor gw = at::empty({0}, weight.options());
   at::Tensor gb = at::empty({0}, weight.options());
-  Plan p = make_plan(x, weight, out_mask, in_mask, groups);
+  Plan p = make_plan(x, weight, out_mask, in_mask, groups, out_index, in_index);
   const bool has_in = in_mask.has_value() && in_mask->defined();
 
   if (p.mode == Mode::kDense) {
@@ -233,38 +247,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
   return {gx, gw, gb};
 }
 
-// Generic implementation (any device): one index_select per tensor, in one call from Python.
-std::vector<at::Tensor> compact_channels(at::TensorList tensors, at::IntArrayRef dims,
-                                         const at::Tensor& index) {
-  TORCH_CHECK(tensors.size() == dims.size(), "dprune::compact_channels: ", tensors.size(),
-              " tensors but ", dims.size(), " dims");
-  std::vector<at::Tensor> out;
-  out.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    const int64_t d = at::maybe_wrap_dim(dims[i], t.dim());
-    const at::Tensor idx = index.device() == t.device() ? index : index.to(t.device());
-    at::Tensor r = t.index_select(d, idx);
-    if (t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast))
-      r = r.contiguous(at::MemoryFormat::ChannelsLast);
-    out.push_back(std::move(r));
-  }
-  return out;
-}
-
-TORCH_LIBRARY(dprune, m) {
+TORCH_LIBRARY(dprune_mc, m) {
   m.def("masked_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor out_mask, Tensor? in_mask, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? out_index=None, "
+        "Tensor? in_index=None) -> Tensor");
   m.def("masked_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor out_mask, "
         "Tensor? in_mask, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  m.def("compact_channels(Tensor[] tensors, int[] dims, Tensor index) -> Tensor[]");
+        "bool[3] output_mask, Tensor? out_index=None, Tensor? in_index=None) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(dprune, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(dprune_mc, CompositeExplicitAutograd, m) {
   m.impl("masked_conv2d", &masked_conv2d);
   m.impl("masked_conv2d_backward", &masked_conv2d_backward);
-  m.impl("compact_channels", &compact_channels);
 }
 
 }  // namespace dprune

@@ -3,10 +3,12 @@
     dprune run CONFIG [key=value ...]            pretrain -> prune -> retrain (see configs/)
     dprune quickstart [--out DIR]                the paper's trainability story on digits, on CPU
     dprune plan --model resnet56 --ratios "[0,0.7,0.7,0.7,0]" --num-classes 10 --input-size 3,32,32
+    dprune plan --model resnet50 --weights IMAGENET1K_V1 --ratios "[0,0.6,0.6,0.6,0.21,0]"
     dprune report RUN_DIR... [--out FILE] [--json]
+    dprune export RUN_DIR --format onnx|torch-export|state-dict [--out FILE] [--input-size C,H,W]
     dprune sweep CONFIG --grid key=v1,v2 [--seeds N] [--launcher local|torchrun|slurm]
     dprune config show CONFIG [key=value ...]
-    dprune bench {kernels,train,loader,speedup} ...
+    dprune bench {kernels,train,loader,speedup,masked,gpu} ...
     dprune data write-beton --dataset NAME --out FILE
     dprune models
 
@@ -31,9 +33,15 @@ def cmd_plan(args) -> int:
 
     check_at_least("--num-classes", args.num_classes)
     check_at_least("--round-to", args.round_to)
+    if args.new_head and not args.weights:
+        raise UserError("--new-head needs --weights")
+    if args.num_classes is None and not args.weights:
+        args.num_classes = 1000
+
     x = torch.zeros(1, *parse_input_size(args.input_size))
     try:
-        net = models.create(args.model, num_classes=args.num_classes)
+        net = models.create(args.model, num_classes=args.num_classes, weights=args.weights,
+                            new_head=args.new_head)
     except (RuntimeError, OverflowError, TypeError) as e:  # e.g. a classifier too large to allocate
         raise UserError(f"--model {args.model} --num-classes {args.num_classes}: the model cannot be "
                         f"built ({str(e).splitlines()[0][:200]})") from None
@@ -52,6 +60,7 @@ def cmd_plan(args) -> int:
            "speedup": dense["macs"] / max(pruned["macs"], 1),
            "params_reduction": 1 - pruned["params"] / dense["params"],
            "layers": rows, "layer_ratios": p.layer_ratios}
+    out.update(_round_to_8(args, net, x, rows, dense["macs"], pruned["macs"]))
     if args.json:
         print(json.dumps(out))
         return 0
@@ -68,7 +77,41 @@ def cmd_plan(args) -> int:
     print(f"MACs   {dense['macs'] / 1e6:12.2f} M -> {pruned['macs'] / 1e6:12.2f} M   speedup {out['speedup']:.2f}x")
     print(f"params {dense['params'] / 1e6:12.3f} M -> {pruned['params'] / 1e6:12.3f} M   "
           f"({100 * out['params_reduction']:.2f}% fewer)")
+    odd = out["not_multiple_of_8"]
+    if odd:
+        r8 = out["round_to_8"]
+        print(f"kept widths not a multiple of 8 ({len(odd)} of {len(rows)} pruned layers; tensor cores "
+              f"prefer multiples of 8): " + ", ".join(f"{r['layer']}={r['kept']}" for r in odd[:8])
+              + (f", ... (+{len(odd) - 8})" if len(odd) > 8 else ""))
+        print(f"round_to 8 would keep {r8['pruned_macs'] / 1e6:.2f} M MACs ({100 * r8['mac_cost']:+.1f}%), "
+              f"speedup {out['speedup']:.2f}x -> {r8['speedup']:.2f}x (see docs/benchmarks/throughput.md)")
     return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    size = parse_input_size(args.input_size) if args.input_size else None
+    out = export(args.run, args.format, out=args.out, input_size=size)
+    print(f"dprune: wrote {out}")
+    return 0
+
+
+def _round_to_8(args, net, x, rows, dense_macs: int, pruned_macs: int) -> dict:
+    """Pruned layers whose kept width is not a multiple of 8 (and not their full width), and the
+    MACs the same plan would keep with ``round_to=8``: the price of tensor-core-friendly widths."""
+    import copy
+
+    from . import flops, prune
+
+    odd = [{"layer": r["layer"], "kept": r["kept"]} for r in rows
+           if r["kept"] % 8 and r["kept"] != r["channels"]]
+    if not odd or (args.round_to and args.round_to % 8 == 0):
+        return {"not_multiple_of_8": odd, "round_to_8": None}
+    p8 = prune.plan(net, args.ratios, criterion=args.criterion, example_input=x, round_to=8, skip=args.skip or ())
+    macs8 = flops.count(prune.apply(copy.deepcopy(net), p8, mode="physical"), x)["macs"]
+    return {"not_multiple_of_8": odd, "round_to_8": {"pruned_macs": macs8, "speedup": dense_macs / max(macs8, 1),
+                                                     "mac_cost": macs8 / max(pruned_macs, 1) - 1}}
 
 
 def cmd_models(args) -> int:
@@ -107,9 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="per-layer kept channels, MACs, params and speedup")
     s.add_argument("--model", required=True)
     s.add_argument("--ratios", required=True)
-    s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--num-classes", type=int, default=None, help="default: 1000, or the classes of --weights")
     s.add_argument("--input-size", default="3,224,224")
     s.add_argument("--criterion", default="l1")
+    s.add_argument("--weights", default=None,
+                   help="torchvision pretrained weights (IMAGENET1K_V1, DEFAULT, ...): the criterion scores them")
+    s.add_argument("--new-head", action="store_true", help="with --weights: a new classifier head for --num-classes")
     s.add_argument("--round-to", type=int, default=None)
     s.add_argument("--skip", action="append", help="glob pattern of layers never pruned")
     s.add_argument("--json", action="store_true")
@@ -122,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     s.set_defaults(func=_lazy("pipeline", "cli_run"))
+
+    s = sub.add_parser("export", help="write a run's pruned model (ONNX, torch.export, state dict)")
+    s.add_argument("run", help="run directory or checkpoint file")
+    s.add_argument("--format", required=True, help="onnx | torch-export | state-dict")
+    s.add_argument("--out", default=None, help="output file (default: RUN_DIR/export/pruned.{onnx,pt2,pt})")
+    s.add_argument("--input-size", default=None, help="one sample's shape C,H,W (default: the plan's)")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("quickstart", help="the embedded default experiment (digits, CPU)")
     s.add_argument("--out", default="runs/quickstart")
@@ -171,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-BENCHES = ("kernels", "train", "loader", "speedup")
+BENCHES = ("kernels", "train", "loader", "speedup", "masked", "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:

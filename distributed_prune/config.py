@@ -8,6 +8,9 @@ values (a few nested anchors could otherwise stand for billions). Errors name fi
 The resolved config is saved as ``config.yaml`` in every run directory.
 
     dprune config show configs/debug_cpu.yaml retrain.epochs=3 prune.ratios="[0,0.5,0.5,0.5,0]"
+
+Over 400 lines on purpose: every section of the schema with its validators, the one place a
+user reads to learn what a key accepts (the YAML loader itself lives in yamlfile.py).
 """
 from __future__ import annotations
 
@@ -79,6 +82,9 @@ class OutputCfg(_Section):
     dir: str = "runs/default"
     keep_checkpoints: int = Field(2, ge=1)   # per stage; older epoch checkpoints are deleted
     verbose: bool = True                     # per-epoch / pruned / done lines on stdout
+    # per-epoch scalars (every metrics.jsonl value) and the config in <dir>/tensorboard, from
+    # rank 0; needs the tensorboard extra (pip install 'distributed_prune[tensorboard]')
+    tensorboard: bool = False
 
     @field_validator("dir", mode="before")
     @classmethod
@@ -91,6 +97,13 @@ class ModelCfg(_Section):
     num_classes: Optional[int] = Field(None, ge=1)  # default: from the dataset
     kwargs: dict = {}                         # extra factory arguments (e.g. in_features)
     activation: Literal["relu", "linear"] = "relu"  # gain used by OrthP
+    # torchvision's pretrained weights by name (IMAGENET1K_V1, DEFAULT, ...), from the torch.hub
+    # cache ($TORCH_HOME), downloaded once when missing; the base model instead of pretraining
+    # when pretrain.epochs is 0 (or the start of pretraining / fine-tuning otherwise)
+    weights: Optional[str] = None
+    # with weights: num_classes may differ from the weights' classes; the classifier head is
+    # then replaced by a freshly initialised one (every other layer keeps its pretrained weights)
+    new_head: bool = False
 
     @field_validator("name")
     @classmethod
@@ -111,6 +124,19 @@ class ModelCfg(_Section):
         if bad:
             raise ValueError(f"{bad}: must be a finite number")
         check_kwargs(self.name, self.kwargs)
+        return self
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.weights is not None:
+            from .models.pretrained import resolve
+
+            try:
+                resolve(self.name, self.weights)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        elif self.new_head:
+            raise ValueError("model.new_head: needs model.weights (a pretrained model to put it on)")
         return self
 
 
@@ -154,6 +180,9 @@ class StageCfg(_Section):
 
 class PretrainCfg(StageCfg):
     checkpoint: Optional[str] = None          # load this base model instead of pretraining
+    # K1 for Scratch-E/B: the epochs that trained the checkpoint's base model, when the checkpoint
+    # does not record them (bases written by `dprune run` do; torchvision weight files do not)
+    base_epochs: Optional[float] = Field(None, ge=0)
 
     @field_validator("checkpoint", mode="before")
     @classmethod
@@ -174,17 +203,33 @@ class RetrainCfg(StageCfg):
 
 
 class RegCfg(_Section):
-    granularity: float = Field(1e-4, gt=0)
-    ceiling: float = Field(1.0, gt=0)
-    update_interval: int = Field(5, ge=1)
-    stabilize_interval: int = Field(10000, ge=0)
-    lw_opp: float = 1000.0
+    """GReg / TPP settings; defaults are the authors' (docs/science.md section 10 names them)."""
+    granularity: float = Field(1e-4, gt=0)            # reg_granularity_prune
+    ceiling: float = Field(1.0, gt=0)                 # reg_upper_limit
+    update_interval: int = Field(5, ge=1)             # update_reg_interval (iterations)
+    stabilize_interval: int = Field(40000, ge=0)      # stabilize_reg_interval (iterations)
+    lw_opp: float = Field(1000.0, ge=0)               # TPP Gram-loss weight
+    lw_opp_schedule: Literal["reg", "constant"] = "reg"  # TPP: weight lw_opp * reg (authors) or lw_opp
+    zero_out_interval: int = Field(100, ge=0)         # TPP layer-wise zeroing in stabilization (0: off)
+    weight_reg: bool = True                           # TPP: L2 on the pruned filters' weight and bias
+    bn_reg: Optional[bool] = None                     # L2 on the following BN (default: TPP yes, GReg no)
+    mag_ratio_limit: Optional[float] = Field(1000.0, gt=0)  # GReg: stop growing at this kept/pruned ratio
+
+
+class MaskedCfg(_Section):
+    """Masked phases (prune.method=gradual|soft): see distributed_prune/prune/masked.py."""
+    schedule: Literal["cubic", "linear"] = "cubic"  # gradual: ramp of the pruned count
+    update_interval: int = Field(100, ge=1)   # gradual: iterations between mask updates
+    ramp_fraction: float = Field(0.75, gt=0, le=1)  # gradual: target reached at this phase fraction
+    criterion: Literal["l1", "l2"] = "l1"     # importance recomputed at every update
+    kernel: Literal["auto", "masked_conv", "hooks"] = "auto"  # auto: masked-conv kernels on CUDA
 
 
 class PruneCfg(_Section):
     # the rows of prune.methods.METHODS (spelled out so loading a config needs no torch;
     # tests/unit/test_methods.py keeps the two equal)
-    method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "none"] = "l1"
+    method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "gradual", "soft",
+                    "none"] = "l1"
     ratios: str = "0"
     pick: Literal["smallest", "largest", "random"] = "smallest"
     round_to: Optional[int] = Field(None, ge=1)
@@ -193,16 +238,17 @@ class PruneCfg(_Section):
     taylor_batches: int = Field(4, ge=1)
     iterative_steps: int = Field(1, ge=1)     # prune/retrain cycles reaching the ratio geometrically
     iterative_epochs: int = Field(0, ge=0)    # retrain epochs between intermediate steps
-    epochs: int = Field(0, ge=0)              # regularization phase (greg/tpp), in epochs
-    lr_schedule: Optional[str] = None         # regularization phase LR (default: retrain's first LR)
+    epochs: int = Field(0, ge=0)              # greg/tpp (a cap: the phase ends when done) / gradual / soft phase, in epochs
+    lr_schedule: str = "0:0.001"              # that phase's LR (default: the authors' lr_prune 0.001)
     reg: RegCfg = RegCfg()
+    masked: MaskedCfg = MaskedCfg()
 
     _ratios = field_validator("ratios", mode="before")(classmethod(lambda cls, v: _check_ratios(v)))
 
     @field_validator("lr_schedule", mode="before")
     @classmethod
     def _s(cls, v):
-        return None if v is None else _check_schedule(v)
+        return "0:0.001" if v is None else _check_schedule(v)
 
 
 class PxFyCfg(_Section):
@@ -219,15 +265,44 @@ class PxFyCfg(_Section):
         return None if v is None else _check_schedule(v)
 
 
+def _deepspeed_precision(path) -> str | None:
+    """The precision a DeepSpeed JSON enables (bf16 / fp16 / none), None when unreadable (the
+    engine then reports the file)."""
+    import json
+
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(ds, dict):
+        return None
+    for key in ("bf16", "fp16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled") is True:
+            return key
+    return "none"
+
+
 class TrainCfg(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
+    # "auto" (default): see train.engine.fast_path. Resolved while the config validates, so the resolved
+    # config (config.yaml of a run, `dprune config show`) records what actually runs.
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: Union[bool, Literal["auto"]] = "auto"
     compile: bool = False
     grad_accum: int = Field(1, ge=1)
     progress: bool = True
     cudnn_benchmark: bool = True
     deterministic: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data):
+        if isinstance(data, dict) and "auto" in (data.get("amp", "auto"), data.get("channels_last", "auto")):
+            from .train.engine import fast_path
+
+            fast = fast_path(data.get("device", "auto"))
+            data = {**data, **{k: fast[k] for k in ("amp", "channels_last") if data.get(k, "auto") == "auto"}}
+        return data
 
 
 class DistCfg(_Section):
@@ -241,7 +316,8 @@ class DistCfg(_Section):
     def _ds(cls, v):
         return _check_path(v, "dist.deepspeed_config")
     bucket_cap_mb: int = Field(25, ge=1)
-    static_graph: bool = False
+    # "auto": on unless train.compile or train.grad_accum > 1 (see train.engine.resolve_static_graph)
+    static_graph: Union[bool, Literal["auto"]] = "auto"
 
 
 class TrainabilityCfg(_Section):
@@ -262,12 +338,30 @@ class Config(_Section):
     prune: PruneCfg = PruneCfg()
     retrain: RetrainCfg = RetrainCfg()
     pxfy: PxFyCfg = PxFyCfg()
-    train: TrainCfg = TrainCfg()
+    train: TrainCfg = Field(default_factory=TrainCfg)   # a factory: "auto" resolves at load, not import
     dist: DistCfg = DistCfg()
     trainability: TrainabilityCfg = TrainabilityCfg()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _deepspeed_amp(cls, data):
+        """``train.amp: auto`` with a DeepSpeed JSON follows the JSON's precision (one precision
+        for training and evaluation; the engine rejects a contradiction)."""
+        if not isinstance(data, dict):
+            return data
+        train, dist_ = data.get("train"), data.get("dist")
+        if not isinstance(dist_, dict) or dist_.get("engine") != "deepspeed" or not dist_.get("deepspeed_config"):
+            return data
+        train = train if isinstance(train, dict) else ({} if train is None else None)
+        if train is None or train.get("amp", "auto") != "auto":
+            return data
+        prec = _deepspeed_precision(dist_["deepspeed_config"])
+        return data if prec is None else {**data, "train": {**train, "amp": prec}}
+
     @model_validator(mode="after")
     def _pxfy(self):
+        if self.model.weights is not None and self.pretrain.checkpoint:
+            raise ValueError("model.weights and pretrain.checkpoint both give the base model: keep one")
         if self.pxfy.total_epochs:
             if not self.pxfy.lr_schedule:
                 raise ValueError("pxfy.lr_schedule is required with pxfy.total_epochs")
@@ -284,8 +378,13 @@ class Config(_Section):
         return f"{m} {self.effective_retrain()[1]}"
 
     def effective_pretrain(self) -> tuple[int, str]:
+        """(epochs, schedule text) of the pretraining stage, PxFy applied: the first x epochs of
+        the overall schedule laid over all T epochs (a cosine anneals over the whole run)."""
         if self.pxfy.total_epochs:
-            return self.pxfy.prune_at, self.pxfy.lr_schedule
+            from .train.schedules import parse_schedule
+
+            s = parse_schedule(self.pxfy.lr_schedule).over(self.pxfy.total_epochs)
+            return self.pxfy.prune_at, s.text
         return self.pretrain.epochs, self.pretrain.lr_schedule
 
     def effective_retrain(self) -> tuple[int, str]:
@@ -324,7 +423,10 @@ def _one_line(e: ValidationError) -> str:
     if not key:  # a check across sections (its message names the keys)
         return _prefixed(msg)
     msg = msg.removeprefix(f"{key}: ")
-    if msg.startswith(f"{key}."):  # the validator named a key inside this one (model.kwargs.x)
+    named = re.match(r"[a-z_]+(\.[a-z_]+)+\b", msg)
+    if named and (key == "config" or named.group(0).startswith(key + ".")):
+        return f"config: {msg}"  # a section-level check whose message names its own key(s)
+    if msg.startswith(f"{key}."):  # the validator named a key inside this one (prune.ratios.1)
         return f"config: {msg}"
     inp = err.get("input")
     shown = (f" (got {inp!r})" if not isinstance(inp, dict) and inp is not None and len(repr(inp)) < 80

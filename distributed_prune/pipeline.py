@@ -9,6 +9,9 @@ The work is done by the modules each stage calls: :mod:`.data` (loaders), :mod:`
 :mod:`.rundir` (files, metrics, checkpoints, resume) and :mod:`.report`. This module turns the
 config into their arguments and keeps what the stages share (the record of results, the plan).
 
+Over 400 lines on purpose: the stages share one record (results, K1, the regularization phase's
+progress) that every checkpoint carries, and reading them in one place is the point.
+
 Every stage checkpoints atomically each epoch; re-running into the same ``output.dir`` (or
 ``resume=true``) continues from the newest readable checkpoint, with every epoch logged once.
 """
@@ -25,17 +28,19 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import dist, flops, models, prune, rundir
+from . import dist, flops, models, prune, rundir, tblog
 from .data.loaders import RunData, build_run_data, first_samples
 from .dtypes import amp_dtype
 from .errors import UserError
 from .eval import evaluate
 from .prune.decide import compose_plans, decide, step_ratios, taylor_grads
+from .prune.masked import MaskedPhase
 from .prune.methods import Method, Phase, method, targets
+from .prune.regularize import check_phase
 from .prune.reinit import reinit
 from .run_report import write_run_report
 from .rundir import Point, RunDir, Stage
-from .setups import scratch_budgets
+from .setups import scratch_recipe
 from .train.budget import retrain_trainability_accuracy, total_train_macs
 from .train.schedules import parse_schedule
 from .train.stage import (EngineSettings, EpochEnd, EpochHook, OptimSettings, micro_batch,
@@ -91,9 +96,11 @@ def build_data(cfg, ctx, micro: int) -> RunData:
 
 
 def build_model(cfg, info) -> nn.Module:
-    """Create ``model.name`` for the dataset's classes and input shape."""
+    """Create ``model.name`` for the dataset's classes and input shape; with ``model.weights``,
+    torchvision's pretrained weights (from the torch.hub cache, downloaded once)."""
     return models.create_for_input(cfg.model.name, cfg.model.num_classes or info.num_classes,
-                                   info.input_shape, **cfg.model.kwargs)
+                                   info.input_shape, weights=cfg.model.weights,
+                                   new_head=cfg.model.new_head, **cfg.model.kwargs)
 
 
 def _open_run_dir(cfg) -> RunDir:
@@ -113,14 +120,47 @@ def _base_path(cfg):
     return cfg.pretrain.checkpoint.format(seed=cfg.seed) if cfg.pretrain.checkpoint else None
 
 
+def _base_epochs(cfg, obj):
+    """K1 of a loaded base checkpoint ``obj``: ``pretrain.base_epochs`` when set, else what the
+    checkpoint records (bases written by this pipeline), else the pretraining epochs of the config
+    saved with it when that config trained from scratch; None when unknown."""
+    if cfg.pretrain.base_epochs is not None:
+        return cfg.pretrain.base_epochs
+    rec = json.loads(obj.get("record") or "{}")
+    if rec.get("base_epochs") is not None:
+        return rec["base_epochs"]
+    saved = obj.get("config")
+    if isinstance(saved, dict) and saved and not (saved.get("pretrain") or {}).get("checkpoint"):
+        try:
+            return config_mod.from_dict(saved).effective_pretrain()[0]
+        except UserError:
+            return None
+    return None
+
+
 def _check_inputs(cfg, ctx, model, data):
     """Input errors that need the model or data, raised before anything is written."""
     m = method(cfg.prune.method)
     if m.trains_before_cut and cfg.prune.epochs == 0:
         raise UserError(f"prune.epochs must be > 0 for prune.method={m.name} ({m.phase.value} phase)")
+    if m.phase is Phase.REGULARIZATION:  # long enough to reach the ceiling and stabilize
+        r = cfg.prune.reg
+        check_phase(m.name, epochs=cfg.prune.epochs,
+                    iters_per_epoch=max(1, -(-len(data.train) // cfg.train.grad_accum)),
+                    reg_granularity=r.granularity, reg_ceiling=r.ceiling,
+                    update_reg_interval=r.update_interval, stabilize_interval=r.stabilize_interval)
     base = _base_path(cfg)
     if base and not Path(base).is_file():
         raise UserError(f"pretrain.checkpoint {base}: file not found")
+    if cfg.output.tensorboard:
+        tblog.require()
+    budget = cfg.retrain.scratch_budget
+    if budget != "none" and cfg.retrain.epochs == 0:
+        raise UserError(f"retrain.scratch_budget={budget} needs retrain.epochs > 0 (K2, the retraining "
+                        "epochs of the pruning run it is compared with)")
+    if budget != "none" and base and _base_epochs(cfg, ckpt.load(base)) is None:
+        raise UserError(f"retrain.scratch_budget={budget} needs K1, the epochs that trained the base "
+                        f"model: {base} does not record them; set pretrain.base_epochs")
     if cfg.dist.sync_bn and ctx.device.type != "cuda":
         raise UserError("dist.sync_bn=true needs CUDA (SyncBatchNorm refuses CPU modules)")
     if cfg.retrain.scratch_budget != "none" and cfg.prune.reinit != "scratch":
@@ -155,6 +195,7 @@ class Stages:
         self.record: dict = {}
         self.plan_json: str | None = None
         self.train_state = None       # training state of the epoch checkpoint resumed from
+        self.ckpt_extra: dict = {}    # more keys for the epoch checkpoints (the masked phase's state)
         self.t_start = time.time()
         self.pre_epochs, self.pre_sched = cfg.effective_pretrain()
         self.re_epochs, self.re_sched = cfg.effective_retrain()
@@ -164,6 +205,8 @@ class Stages:
     def resume(self, model):
         model, r = self.rd.resume(model, enabled=self.cfg.resume is not False)
         self.record, self.plan_json, self.train_state = r.record, r.plan_json, r.train_state
+        if self.cfg.output.tensorboard:
+            self.rd.open_tensorboard(config_mod.dump(self.cfg))
         return model.to(self.device), r.point
 
     def pretrain(self, model, at: Point):
@@ -177,9 +220,11 @@ class Stages:
             if obj.get("plan"):
                 raise UserError(f"pretrain.checkpoint {base}: holds a pruned model, not a dense base")
             ckpt.load_state(model, obj["state_dict"], source=f"pretrain.checkpoint {base}")
+            self.record["base_epochs"] = _base_epochs(cfg, obj)  # K1, for Scratch-E/B and SX-A/B
         else:
             model = self._train(Stage.PRETRAIN, model, at, epochs=self.pre_epochs,
                                 schedule=self.pre_sched, optim=OptimSettings.of(cfg.pretrain))
+            self.record["base_epochs"] = self.pre_epochs
         model.to(self.device)
         self.record["dense"] = {"top1": self.evaluate(model), **flops.count(model, self.example)}
         self.record["base_model_sha256"] = ckpt.weights_sha256(model)
@@ -199,9 +244,11 @@ class Stages:
         self.plan_json = None  # the dense weights go with no plan until surgery
         if self.method.phase is Phase.REGULARIZATION:
             model = self._regularize(model, at, plan)
+        elif self.method.phase is Phase.MASKED:
+            model, plan = self._masked(model, at, plan)
         model = prune.apply(model, plan, mode="physical")
         model, plan = self._iterative(model, plan)
-        model = self._reinit(model)
+        model = self._reinit(model, plan)
         self.plan_json = plan.to_json()
         rd.write_text("plan.json", self.plan_json)
         pf = flops.count(model, self.example)
@@ -219,7 +266,7 @@ class Stages:
 
     def retrain(self, model, at: Point):
         cfg = self.cfg
-        self.retrain_epochs = self._retrain_epochs()
+        self.retrain_epochs, self.re_sched = self._retrain_recipe()
         return self._train(Stage.RETRAIN, model, at, epochs=self.retrain_epochs, schedule=self.re_sched,
                            optim=OptimSettings.of(cfg.retrain), jsv_every=cfg.trainability.every_epoch)
 
@@ -235,6 +282,7 @@ class Stages:
             write_run_report(rd.path, summary, rd.metrics())
             if self.verbose:
                 print(f"dprune: done: final top1 {100 * final_top1:.2f}%  -> {rd.path / 'summary.json'}")
+        rd.close_tensorboard()
         dist.barrier()
         return summary
 
@@ -255,16 +303,54 @@ class Stages:
                       round_to=cfg.prune.round_to, skip=cfg.prune.skip, seed=cfg.seed)
 
     def _regularize(self, model, at: Point, plan):
-        """The regularization phase: ``prune.epochs`` epochs with the method's regularizer on
-        the plan's pruned filters, at ``prune.lr_schedule`` (default: retrain's first LR)."""
+        """The regularization phase at ``prune.lr_schedule`` with the method's regularizer on
+        the plan's pruned filters: it ends when the regularizer is done (the penalty reached its
+        ceiling and stabilized), at most ``prune.epochs`` epochs (checked before the run)."""
         cfg, r = self.cfg, self.cfg.prune.reg
-        first_lr = parse_schedule(self.re_sched).lr_at(0, total_epochs=max(self.re_epochs, 1))
+        if at is not None and at.stage == Stage.PRUNE and (self.train_state or {}).get("reg_done"):
+            return model  # resumed after the phase ended mid-epoch: nothing left to train
         reg = self.method.regularizer(model, targets(plan, model), granularity=r.granularity,
                                       ceiling=r.ceiling, update_interval=r.update_interval,
-                                      stabilize_interval=r.stabilize_interval, lw_opp=r.lw_opp)
+                                      stabilize_interval=r.stabilize_interval, lw_opp=r.lw_opp,
+                                      lw_opp_schedule=r.lw_opp_schedule, weight_reg=r.weight_reg,
+                                      bn_reg=r.bn_reg, zero_out_interval=r.zero_out_interval,
+                                      mag_ratio_limit=r.mag_ratio_limit)
         return self._train(Stage.PRUNE, model, at, epochs=cfg.prune.epochs,
-                           schedule=cfg.prune.lr_schedule or f"0:{first_lr}",
-                           optim=OptimSettings.of(cfg.retrain), regularizer=reg)
+                           schedule=cfg.prune.lr_schedule, optim=OptimSettings.of(cfg.retrain),
+                           regularizer=reg)
+
+    def _masked(self, model, at: Point, plan):
+        """The masked phase (``prune.method`` gradual or soft, :mod:`.prune.masked`):
+        ``prune.epochs`` epochs at ``prune.lr_schedule`` with channel masks that the phase
+        updates before optimizer steps (gradual: every ``prune.masked.update_interval`` steps;
+        soft: every epoch). Returns the model with the final masks applied and their plan (its
+        physical cut computes what the masked model computes). The mask state goes into every
+        epoch checkpoint, so a resumed run continues the phase exactly."""
+        cfg, mc = self.cfg, self.cfg.prune.masked
+        iters = max(1, -(-len(self.data.train) // cfg.train.grad_accum))
+        phase = MaskedPhase(model, plan, kind=self.method.name, criterion=mc.criterion,
+                            schedule=mc.schedule,
+                            update_interval=iters if self.method.name == "soft" else mc.update_interval,
+                            total_iterations=cfg.prune.epochs * iters,
+                            ramp_fraction=mc.ramp_fraction, kernel=mc.kernel)
+        state = (self.train_state or {}).get("masked") if at.stage == Stage.PRUNE else None
+        if state:
+            phase.load_state_dict(json.loads(state), model)
+
+        channels = max(sum(g.n for g in plan.groups), 1)
+
+        def record_masks(end: EpochEnd):
+            end.row["masked_channels"] = phase.n_pruned()
+            end.row["mask_sparsity"] = phase.n_pruned() / channels  # of the plan's prunable channels
+            self.ckpt_extra = {"masked": json.dumps(phase.state_dict())}
+
+        model = self._train(Stage.PRUNE, model, at, epochs=cfg.prune.epochs,
+                            schedule=cfg.prune.lr_schedule,
+                            optim=OptimSettings.of(cfg.retrain), step_hook=phase.step,
+                            pre_hooks=[record_masks])
+        self.ckpt_extra = {}
+        model.to(self.device)
+        return model, phase.finish(model)
 
     def _iterative(self, model, plan):
         """Iterative pruning (``prune.iterative_steps`` = k > 1): after the first cut, k-1 more
@@ -292,32 +378,39 @@ class Stages:
         self.plan_json = None
         return model, full
 
-    def _reinit(self, model):
+    def _reinit(self, model, plan):
         cfg = self.cfg
-        if cfg.prune.reinit == "scratch":
-            torch.manual_seed(cfg.seed + 1)
-        return reinit(cfg.prune.reinit, model, activation=cfg.model.activation).to(self.device)
+        if cfg.prune.reinit != "scratch":
+            return reinit(cfg.prune.reinit, model, activation=cfg.model.activation).to(self.device)
+        torch.manual_seed(cfg.seed + 1)
+        # the model's own constructor init, on a freshly built model cut to the plan
+        fresh = lambda: prune.replay(build_model(cfg, self.data.info), plan)  # noqa: E731
+        return reinit("scratch", model, activation=cfg.model.activation, fresh=fresh).to(self.device)
 
-    def _retrain_epochs(self) -> int:
+    def _retrain_recipe(self):
+        """(epochs, schedule) of retraining: Scratch-E/B budgets from K1 (setups.scratch_recipe)."""
         b = self.cfg.retrain.scratch_budget
         if b == "none":
-            return self.re_epochs
-        s = scratch_budgets(self.pre_epochs, self.re_epochs, self.record["pruned"]["speedup"])
-        return s["scratch_e"] if b == "E" else s["scratch_b_epochs"]
+            return self.re_epochs, self.re_sched
+        return scratch_recipe(b, base_epochs=self.record.get("base_epochs"), retrain_epochs=self.re_epochs,
+                              retrain_schedule=self.re_sched, speedup=self.record["pruned"]["speedup"])
 
     # ---- training, evaluation, files
     def _train(self, stage: Stage, model, at: Point | None, *, epochs, schedule, optim,
-               regularizer=None, jsv_every=False, start_epoch=None):
+               regularizer=None, jsv_every=False, start_epoch=None, step_hook=None,
+               pre_hooks=()):
         """One stage of :func:`~distributed_prune.train.stage.train_epochs`, resumed from ``at``
         (None: from ``start_epoch``, without a saved training state)."""
         if start_epoch is None:
             start_epoch = at.start_epoch(stage)
         resume = self.train_state if at is not None and at.stage == stage else None
-        hooks = ([self._log_jsv] if jsv_every else []) + [self._end_epoch, *self.epoch_hooks]
+        hooks = (([self._log_jsv] if jsv_every else []) + list(pre_hooks)
+                 + [self._end_epoch, *self.epoch_hooks])
         return train_epochs(model, self.data.train, stage=stage.label, epochs=epochs,
                             schedule=schedule, optim=optim, engine=self.engine,
                             evaluate=self.evaluate, start_epoch=start_epoch, resume=resume,
-                            regularizer=regularizer, hooks=hooks, progress=self.progress)
+                            regularizer=regularizer, hooks=hooks, progress=self.progress,
+                            step_hook=step_hook)
 
     def _log_jsv(self, end: EpochEnd):
         end.row["jsv_mean"] = self.jsv(end.module)["mean"]
@@ -325,6 +418,8 @@ class Stages:
     def _end_epoch(self, end: EpochEnd):
         """Log the row, print it, checkpoint the epoch; every rank takes part."""
         rd, row = self.rd, end.row
+        if "epochs_done" in row:  # the regularization phase: how far it got (it may end mid-epoch)
+            self.record["prune_epochs"] = row["epochs_done"]
         rd.log(row)
         if rd.primary and self.verbose:
             print(f"[{end.stage} {end.epoch + 1}/{end.epochs}] loss {row['train_loss']:.4f} "
@@ -332,7 +427,7 @@ class Stages:
         stage = Stage.from_label(end.stage)
         rd.save_epoch(stage, end.epoch, end.module, keep=self.cfg.output.keep_checkpoints,
                       plan=self.plan_json, config=self.config, record=json.dumps(self.record),
-                      **end.training_state())
+                      **self.ckpt_extra, **end.training_state())
         dist.barrier()
         rd.maybe_fault(stage, end.epoch)
 
@@ -354,7 +449,11 @@ class Stages:
         rows = [r["top1"] for r in self.rd.metrics() if r["stage"] == "retrain"] if self.rd.primary else []
         ta = retrain_trainability_accuracy(rows, self.re_sched, self.retrain_epochs)
         pre, re_ = self.pre_epochs, self.retrain_epochs
-        prune_epochs = cfg.prune.epochs if self.method.trains_before_cut else 0
+        prune_epochs = record.get("prune_epochs", cfg.prune.epochs) if self.method.trains_before_cut else 0
+        if cfg.prune.reinit == "scratch":  # only the scratch training counts: the base was discarded
+            pre, prune_epochs = 0, 0
+        elif record.get("base_epochs") is not None:  # K1, also for a base loaded from a file
+            pre = record["base_epochs"]
         n = self.data.n_train
         return {
             "status": "complete", "label": cfg.label(), "model": cfg.model.name, "dataset": cfg.data.name,
@@ -367,7 +466,7 @@ class Stages:
                 "base_model_sha256": record["base_model_sha256"], "prune_method": cfg.prune.method,
                 "reinit": cfg.prune.reinit, "ratios": cfg.prune.ratios, "pretrain_epochs": pre,
                 "pretrain_lr_schedule": self.pre_sched, "prune_epochs": prune_epochs,
-                "prune_lr_schedule": cfg.prune.lr_schedule if prune_epochs else None,
+                "prune_lr_schedule": parse_schedule(cfg.prune.lr_schedule).text if prune_epochs else None,
                 "retrain_epochs": re_, "retrain_lr_schedule": self.re_sched,
                 "total_epochs": pre + prune_epochs + re_,
                 "total_train_macs": total_train_macs(n, dense_macs=dense["macs"], pruned_macs=pruned["macs"],

@@ -7,6 +7,7 @@ re-run resumes.
     plan.json            the pruning plan
     summary.json         the result; ``"status": "complete"`` marks a finished run
     report.md            a human-readable summary
+    tensorboard/         with output.tensorboard: the metrics rows as TensorBoard scalars (:mod:`.tblog`)
 
 Only the primary rank writes. Every file is written atomically (:mod:`.fileio`); metrics rows
 are appended and flushed, and a re-run first cuts the log back to the checkpoint it resumes from,
@@ -25,6 +26,7 @@ from typing import Optional
 
 from . import checkpoint as ckpt
 from . import dist, fileio, prune
+from .tblog import TensorBoardLog
 from .errors import UserError
 
 __all__ = ["Stage", "Point", "RunDir", "Resumed", "open_run_dir", "read_metrics", "is_complete",
@@ -144,6 +146,7 @@ class RunDir:
         self.ckpt = self.path / "checkpoints"
         self.primary = dist.is_primary()
         self.complete = complete
+        self.tensorboard: Optional[TensorBoardLog] = None
 
     # ---- files
     def write_text(self, name: str, text: str):
@@ -160,6 +163,20 @@ class RunDir:
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
+            if self.tensorboard is not None:
+                self.tensorboard.log_row(row)
+
+    def open_tensorboard(self, config_text: str):
+        """Start the TensorBoard log (``output.tensorboard``) in ``tensorboard/``, rewritten from
+        the rows kept so far: call after :meth:`resume` cut metrics.jsonl back, so a redone
+        epoch appears once (:mod:`.tblog`)."""
+        if self.primary:
+            self.tensorboard = TensorBoardLog(self.path / "tensorboard", config_text, rows=self.metrics())
+
+    def close_tensorboard(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.path)

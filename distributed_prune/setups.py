@@ -40,7 +40,8 @@ from typing import Any, Iterable
 
 from .errors import UserError
 
-__all__ = ["SETUPS", "SetupResult", "check", "scratch_budgets", "speedup_of", "canonical_schedule"]
+__all__ = ["SETUPS", "SetupResult", "check", "scratch_budgets", "scratch_recipe", "speedup_of",
+           "canonical_schedule"]
 
 SETUPS = ("S1", "S2", "S3.1", "S3.2", "S4.1", "S4.2")
 FAIR = ("S3.2", "S4.1", "S4.2")
@@ -282,3 +283,28 @@ def scratch_budgets(pretrain_epochs: float, retrain_epochs: float, speedup: floa
     as_int = (lambda x: int(x) if float(x).is_integer() else x)
     return {"scratch_e": as_int(scratch_e), "scratch_b": scratch_b,
             "scratch_b_epochs": int(math.ceil(round(scratch_b, 6)))}
+
+
+def scratch_recipe(budget: str, *, base_epochs: float | None, retrain_epochs: float,
+                   retrain_schedule: str, speedup: float, prune_epochs: float = 0) -> tuple[float, str]:
+    """(epochs, LR schedule text) of a Scratch-E (``budget="E"``) or Scratch-B (``"B"``) run.
+
+    K1 = ``base_epochs``, the epochs that trained the base model the pruned architecture came
+    from (refused when unknown), K2 = ``retrain_epochs``.  Scratch-E trains K1 + K2 epochs,
+    Scratch-B exactly K1 * speedup + K2 (a fractional last epoch is cut short, so the total
+    training MACs equal the pruning run's: SX-B).  The retraining schedule is stretched by
+    epochs / K2 (milestones at the same fractions of the run), not extended at its last LR.
+    """
+    from .train.schedules import parse_schedule
+
+    if budget not in ("E", "B"):
+        raise UserError(f"scratch budget must be E or B, got {budget!r}")
+    if base_epochs is None:
+        raise UserError("Scratch-E/B needs K1, the epochs that trained the base model: the base "
+                        "checkpoint does not record them; set pretrain.base_epochs")
+    if not retrain_epochs or retrain_epochs <= 0:
+        raise UserError(f"Scratch-{budget} needs retrain.epochs > 0 (K2), got {retrain_epochs}")
+    b = scratch_budgets(base_epochs, retrain_epochs, speedup, prune_epochs=prune_epochs)
+    epochs = float(b["scratch_e"] if budget == "E" else b["scratch_b"])
+    sched = parse_schedule(retrain_schedule).stretch(epochs / float(retrain_epochs))
+    return epochs, sched.text

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment in .venv with the pinned versions.
 #   bash launch/env.sh            # core: torch, torchvision, torch-pruning, ...
-#   bash launch/env.sh --full     # + FFCV (with its apt packages) and DeepSpeed, for the tests
+#   bash launch/env.sh --full     # + FFCV (with its apt packages), DeepSpeed, TensorBoard and the
+#                                 #   ONNX exporter / runtime, for the tests
 # Idempotent: a stamp keyed on the constraints and setup.py skips work already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ if [ "$FULL" = 1 ]; then
   fi
   # FFCV builds from source (isolated build); DeepSpeed installs as pure Python without its ops
   DS_BUILD_OPS=0 $PIP install -q -c launch/constraints.txt ffcv deepspeed
+  EXTRAS="dev,tensorboard,export"
 fi
 # --no-build-isolation: setup.py sees the pinned torch and builds the optional csrc extension.
 $PIP install -q -c launch/constraints.txt --no-build-isolation -e ".[$EXTRAS]"

@@ -4,8 +4,7 @@
   ``models.create`` -> ``prune.plan`` -> ``prune.apply(mode="physical")`` path as ``dprune run``;
 - :class:`TrainSetup`: one model trained by the pipeline's own code (``build_optimizer``,
   ``build_engine("ddp", ...)``, ``train_epoch``) over an in-memory loader;
-- :func:`alternate`: medians of alternating (ABBA) repetitions, timed by CUDA events on GPU and by
-  ``time.perf_counter`` after a synchronize on CPU;
+- timing and output come from :mod:`.harness` (re-exported here for the model benchmarks);
 - :func:`train_memory`: the training footprint of a setup (CUDA allocator peak, or the peak-RSS
   delta on CPU; see its docstring for what the CPU number can and cannot say).
 """
@@ -13,26 +12,22 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import datetime as _dt
-import json
 import os
 import platform
 import resource
-import statistics
-import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .. import dtypes, fileio, flops, models, prune
+from .. import dtypes, flops, models
 from ..cmdline import check_output_file, parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
 from ..train.loop import train_epoch
 from ..train.optim import build_optimizer
 from ..train.schedules import EpochIterLR
+from .harness import alternate, emit, env_info, md_table, median, spread, sync, time_once  # noqa: F401
 
 RESNET50_RATIOS = "[0,0.6,0.6,0.6,0.21,0]"                  # 2.31x MACs (docs/science.md section 5)
 
@@ -147,6 +142,8 @@ def pruned_pair(model, ratios, num_classes: int | None = None, input_size=(3, 32
     round_to)`` and the pruned model ``prune.apply(deepcopy(dense), plan, mode="physical")``: the
     calls of ``prune.decide.decide`` and of the pipeline's surgery step, with their defaults.
     """
+    from .. import prune   # lazily: torch-pruning is optional for the benchmarks that never prune
+
     if isinstance(model, str):
         torch.manual_seed(seed)
         model = models.create(model, num_classes=10 if num_classes is None else num_classes)
@@ -169,52 +166,6 @@ def set_backend_flags(device: torch.device, cudnn_benchmark: bool = True):
         torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-# --------------------------------------------------------------------------- timing
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call: CUDA events on GPU, perf_counter after a synchronize on CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return 1e3 * (time.perf_counter() - t0)
-
-
-def alternate(fns: dict[str, Callable[[], object]], *, reps: int, warmup: int,
-              device: torch.device) -> dict[str, list[float]]:
-    """Per name, ``reps`` times in ms. Repetitions alternate between the callables, in ABBA
-    order (A B, B A, A B, ...), so slow drift (clocks, other load) hits every callable alike."""
-    names = list(fns)
-    for _ in range(warmup):
-        for k in names:
-            fns[k]()
-    sync(device)
-    out = {k: [] for k in names}
-    for r in range(reps):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            out[k].append(time_once(fns[k], device))
-    return out
-
-
-def median(xs) -> float:
-    return float(statistics.median(xs))
-
-
-def spread(xs) -> float:
-    """(max - min) / median of the repetitions: a rough noise indicator printed with the tables."""
-    return (max(xs) - min(xs)) / median(xs) if len(xs) > 1 else 0.0
 
 
 # --------------------------------------------------------------------------- inference / training
@@ -250,7 +201,7 @@ class TrainSetup:
     def __init__(self, model: nn.Module, *, device, batch: int, input_size, num_classes: int,
                  amp: str = "none", channels_last: bool = False, compile: bool = False,
                  fused: bool | None = None, host_batch: bool = False, cudnn_benchmark: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, ddp: bool | None = None):
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.cudnn_benchmark = cudnn_benchmark
@@ -259,7 +210,7 @@ class TrainSetup:
             net = net.to(memory_format=torch.channels_last)
         opt = build_optimizer(net, name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, fused=fused,
                               foreach=None if fused is None else not fused)
-        self.engine = build_engine("ddp", net, opt, device=self.device, amp=amp, compile=compile)
+        self.engine = build_engine("ddp", net, opt, device=self.device, amp=amp, compile=compile, ddp=ddp)
         self.lr_driver = EpochIterLR(self.engine, "0:0.01", 1, 1)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, *input_size, generator=g)
@@ -273,11 +224,13 @@ class TrainSetup:
                 x = x.contiguous(memory_format=torch.channels_last)
         self.batch = (x, y)
 
-    def run(self, steps: int = 1) -> dict:
+    def run(self, steps: int = 1, **loop) -> dict:
+        """``steps`` training steps; ``loop``: further ``train_epoch`` arguments (a regularizer's
+        ``extra_loss`` / ``grad_hook``)."""
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
         return train_epoch(self.engine, [self.batch] * steps, epoch=0, lr_driver=self.lr_driver,
-                           channels_last=self.channels_last)
+                           channels_last=self.channels_last, **loop)
 
     def resident_bytes(self) -> int:
         """Bytes of what stays allocated between steps: weights, buffers, optimizer state, the
@@ -351,36 +304,3 @@ def train_memory(setup: TrainSetup, steps: int = 2) -> dict:
     setup.run(steps)
     peak = max(_maxrss_bytes() - base, 0) + resident
     return {"peak_mem_bytes": int(peak), "memory_method": "rss_peak_delta" if ok else "rss_lifetime_peak"}
-
-
-# --------------------------------------------------------------------------- output
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def env_info(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {"device": device.type, "device_name": name, "cpu_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "timing": "cuda_events" if device.type == "cuda" else "perf_counter",
-            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
-
-
-def emit(result: dict, table: str, *, as_json: bool, out: str | None):
-    """Print the table (or the JSON object with ``--json``); write the JSON to ``out`` atomically."""
-    text = json.dumps(result)
-    print(text if as_json else table, flush=True)
-    if out:
-        fileio.write_text(out, json.dumps(result, indent=1) + "\n")
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table (pastes into docs/benchmarks as is)."""
-    cells = [[str(c) for c in r] for r in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *map(line, cells[1:])])

@@ -14,25 +14,22 @@ Measures, in one run and against baselines timed in the same run:
 
 Shapes come from torchvision's ``resnet50`` (no weights), walked with forward hooks on a
 meta-device forward; identical layers are timed once and weighted by their count.  Times are
-medians after warm-up: ``triton.testing.do_bench`` (CUDA events) on GPU, ``time.perf_counter``
-on CPU.  ``--write-tuning`` stores the fastest masked-conv backend per shape bucket in the table
-read by :mod:`distributed_prune.kernels.dispatch`.  CPU numbers do not measure the GPU targets.
+medians of alternating (ABBA) repetitions after warm-up, dense and every backend of a row in
+the same repetitions (:mod:`.harness`: CUDA events on GPU, ``time.perf_counter`` on CPU).
+``--write-tuning`` stores the fastest masked-conv backend per shape bucket in the table read by :mod:`distributed_prune.kernels.dispatch`.  CPU numbers do not measure the GPU targets.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..dtypes import DTYPES
+from . import harness
 
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 
@@ -75,23 +72,10 @@ def resnet50_conv_weights(device, dtype) -> list[torch.Tensor]:
 
 
 def _timer(device: torch.device, reps: int, warmup: int):
-    """ms per call (median)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        def bench(fn):
-            return float(do_bench(fn, warmup=25, rep=reps, return_mode="median"))
-        return bench
-
-    def bench(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+    """``bench({name: fn}) -> {name: median ms}``: the shared harness (ABBA repetitions after
+    warm-up; CUDA events on GPU, perf_counter on CPU)."""
+    def bench(fns):
+        return harness.medians(harness.alternate(fns, reps=reps, warmup=warmup, device=device))
     return bench
 
 
@@ -100,7 +84,7 @@ def _available_backends(device: torch.device, wanted: list[str]) -> dict[str, st
     from distributed_prune.kernels import dispatch, native
     status = {}
     for name in wanted:
-        if name == "reference":
+        if name in ("reference", "gather"):
             status[name] = ""
         elif name == "triton":
             ok = device.type == "cuda" and dispatch.triton_usable(device) \
@@ -114,17 +98,23 @@ def _available_backends(device: torch.device, wanted: list[str]) -> dict[str, st
 def bench_importance(device, dtype, bench, backends) -> dict:
     from distributed_prune.kernels import dispatch, reference
     ws = resnet50_conv_weights(device, dtype)
-    loop_ms = bench(lambda: reference.filter_norms(ws, 1))
-    row = {"tensors": len(ws), "filters": sum(w.shape[0] for w in ws),
-           "elements": sum(w.numel() for w in ws), "per_layer_loop_ms": loop_ms}
+    fns = {"loop": lambda: reference.filter_norms(ws, 1)}
     if backends.get("triton") == "":
         with dispatch.set_backend("triton"):
             got = dispatch.filter_norms(ws, 1)
-            want = reference.filter_norms(ws, 1)
-            for g, r in zip(got, want):
-                torch.testing.assert_close(g, r, atol=1e-3, rtol=1e-3)
-            row["triton_one_launch_ms"] = bench(lambda: dispatch.filter_norms(ws, 1))
-        row["triton_speedup"] = loop_ms / row["triton_one_launch_ms"]
+        for g, r in zip(got, reference.filter_norms(ws, 1)):
+            torch.testing.assert_close(g, r, atol=1e-3, rtol=1e-3)
+
+        def triton_norms():
+            with dispatch.set_backend("triton"):
+                dispatch.filter_norms(ws, 1)
+        fns["triton"] = triton_norms
+    ms = bench(fns)
+    row = {"tensors": len(ws), "filters": sum(w.shape[0] for w in ws),
+           "elements": sum(w.numel() for w in ws), "per_layer_loop_ms": ms["loop"]}
+    if "triton" in ms:
+        row["triton_one_launch_ms"] = ms["triton"]
+        row["triton_speedup"] = ms["loop"] / ms["triton"]
     return row
 
 
@@ -154,12 +144,9 @@ def bench_masked_conv(layer, sparsities, device, dtype, bench, backends, in_mask
             im[torch.randperm(c, generator=gen)[:round(s * c)]] = 0
         out_idx = torch.nonzero(out_mask).view(-1)
         in_idx = torch.nonzero(im).view(-1) if im is not None else None
-        # Dense is re-timed next to every variant group: on a shared machine a baseline taken
-        # once drifts with the load.
-        dense_ms = bench(dense)
-        row = {"layer": layer["name"], "count": layer["count"], "x": list(layer["x"]),
-               "w": list(layer["w"]), "stride": layer["stride"][0], "sparsity": s,
-               "dense_ms": dense_ms}
+        # Dense is timed in the same alternating repetitions as every variant of this row: on a
+        # shared machine a baseline taken once drifts with the load.
+        fns = {"dense": dense}
         for name, why in backends.items():
             if why:
                 continue
@@ -174,8 +161,15 @@ def bench_masked_conv(layer, sparsities, device, dtype, bench, backends, in_mask
                         y = dispatch._masked_conv2d(x, w, None, out_mask, in_mask=im,
                                                     out_index=out_idx, in_index=in_idx, **conv)
                     torch.autograd.grad(y, (x, w), go)
-            row[f"{name}_ms"] = bench(step)
-            row[f"{name}_vs_dense"] = row[f"{name}_ms"] / dense_ms
+            fns[name] = step
+        ms = bench(fns)
+        row = {"layer": layer["name"], "count": layer["count"], "x": list(layer["x"]),
+               "w": list(layer["w"]), "stride": layer["stride"][0], "sparsity": s,
+               "dense_ms": ms["dense"]}
+        for name in fns:
+            if name != "dense":
+                row[f"{name}_ms"] = ms[name]
+                row[f"{name}_vs_dense"] = ms[name] / ms["dense"]
         rows.append(row)
     return rows
 
@@ -204,8 +198,7 @@ def write_tuning(path: Path, device: torch.device, rows: list[dict], backends) -
     data.update(version=1, entries=dict(sorted(entries.items())),
                 note="written by `dprune bench kernels --write-tuning`: fastest measured "
                      "masked_conv2d backend per shape bucket (see kernels/dispatch.py)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    harness.write_json(path, data)
     return n
 
 
@@ -257,11 +250,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--batch", type=int, default=None, help="default: 64 on cuda, 2 on cpu")
     p.add_argument("--reps", type=int, default=None,
-                   help="cpu: timed repetitions (default 5); cuda: do_bench budget in ms "
-                        "(default 100)")
+                   help="timed alternating repetitions per row (default: 20 cuda, 5 cpu)")
     p.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)),
                    help="fractions of output channels masked (default 0.3,0.5,0.7,0.9)")
-    p.add_argument("--backends", default="reference,triton,native")
+    p.add_argument("--backends", default="reference,gather,triton,native")
     p.add_argument("--in-mask", action="store_true",
                    help="also mask the same fraction of input channels")
     p.add_argument("--max-layers", type=int, default=None,
@@ -316,16 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     batch = args.batch or (64 if gpu else 2)
-    reps = args.reps or (100 if gpu else 5)
-    bench = _timer(device, reps, warmup=1)
+    reps = args.reps or (20 if gpu else 5)
+    bench = _timer(device, reps, warmup=3 if gpu else 1)
     backends = _available_backends(device, [b.strip() for b in args.backends.split(",") if b.strip()])
 
     layers = resnet50_conv_shapes(batch)
     if args.max_layers:
         layers = layers[:args.max_layers]
     result = {
-        "benchmark": "kernels", "date": _dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "benchmark": "kernels", **harness.env_info(device),
         "dtype": str(dtype).replace("torch.", ""), "batch": batch, "channels_last": True,
         "torch": torch.__version__, "backends": backends, "sparsities": sparsities,
     }
@@ -356,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         n = write_tuning(path, device, rows, backends)
         print(f"tuning table: {n} entries written to {path}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        harness.write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 

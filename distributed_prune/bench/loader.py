@@ -29,13 +29,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ..cmdline import parse_image_size
+from . import harness
 
 MB = 1 << 20
 
@@ -111,7 +111,7 @@ def _rates(n: int, times: list[float]) -> dict:
     rates = [n / t for t in (times[1:] or times)]
     return {"images_per_epoch": n, "first_epoch_s": round(times[0], 3),
             "epoch_s": [round(t, 3) for t in times],
-            "images_per_s": round(statistics.median(rates), 1),
+            "images_per_s": round(harness.median(rates), 1),
             "best_images_per_s": round(max(rates), 1)}
 
 
@@ -148,8 +148,10 @@ def bench_throughput(folder: str, betons: dict, *, batch: int, workers: int,
         loaders[name] = (ff, ff.set_epoch)
     times = {name: [] for name in loaders}
     counts = {}
+    names = list(loaders)
     for r in range(rounds):
-        for name, (loader, set_epoch) in loaders.items():
+        for name in (names if r % 2 == 0 else names[::-1]):   # ABBA, as the harness orders reps
+            loader, set_epoch = loaders[name]
             if set_epoch is not None:
                 set_epoch(r)
             counts[name], t = _epoch(loader)
@@ -235,9 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _md(rows) -> list[str]:
-    head, *body = [[str(c) for c in r] for r in rows]
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-            *("| " + " | ".join(r) + " |" for r in body)]
+    head, *body = rows
+    return harness.md_table(list(head), [list(r) for r in body]).splitlines()
 
 
 def _table(result: dict) -> str:
@@ -324,8 +325,7 @@ def main(argv=None) -> int:
                          / throughput["torchvision"]["images_per_s"]),
         "memory": memory,
     }
-    print(_table(result))
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    harness.emit(result, _table(result), out=args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -11,8 +11,9 @@ momentum 0.9, weight decay by rank) + ``build_engine(--engine)`` (DDP or DeepSpe
 builds it) + ``train_epoch`` over an in-memory synthetic batch (seeded per rank; no data loading
 in the measurement). Weak scaling: every process keeps ``--batch`` samples per step, so the global
 batch is N x ``--batch``. After ``--warmup`` steps, ``--reps`` repetitions of ``--steps`` steps are
-timed between barriers (wall clock on rank 0, after a CUDA synchronize on GPU); the step time is
-the median over repetitions. Throughput is global samples/s and
+timed between barriers by the shared harness (:func:`.harness.time_once`: CUDA events on GPU,
+perf_counter on CPU; rank 0's figure); the step time is the median over repetitions.
+Throughput is global samples/s and
 
     efficiency = throughput_N / (N x throughput_1)
 
@@ -28,15 +29,14 @@ import json
 import os
 import platform
 import socket
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from ..cmdline import ArgumentParser
 from ..errors import UserError
+from . import harness
 
 ENGINES = ("ddp", "deepspeed")
 
@@ -144,15 +144,9 @@ def _worker(rank: int, world: int, port: int, s: dict, out: str):
         run(s["warmup"])
         times = []
         for _ in range(s["reps"]):
+            dist.barrier()   # every rank starts a repetition together
+            times.append(harness.time_once(lambda: run(s["steps"]), ctx.device) / s["steps"])
             dist.barrier()
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run(s["steps"])
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-            dist.barrier()
-            times.append(1e3 * (time.perf_counter() - t0) / s["steps"])
         if rank == 0:
             Path(out).write_text(json.dumps({"step_ms_reps": times}))
         ok = True
@@ -178,16 +172,14 @@ def measure(world: int, s: dict) -> dict:
             else:
                 os.environ["OMP_NUM_THREADS"] = env_threads
         reps = json.loads(Path(out).read_text())["step_ms_reps"]
-    step_ms = statistics.median(reps)
+    step_ms = harness.median(reps)
     return {"world_size": world, "batch_per_rank": s["batch"], "global_batch": world * s["batch"],
             "step_ms": round(step_ms, 3), "step_ms_reps": [round(t, 3) for t in reps],
             "samples_s": round(1e3 * world * s["batch"] / step_ms, 2),
-            "spread": round((max(reps) - min(reps)) / step_ms, 3) if len(reps) > 1 else 0.0}
+            "spread": round(harness.spread(reps), 3)}
 
 
 def bench(args) -> tuple[dict, str]:
-    from . import common
-
     s = _settings(args)
     one = measure(1, s)
     many = measure(args.world_size, s)
@@ -204,7 +196,7 @@ def bench(args) -> tuple[dict, str]:
     }
     rows = [[r["world_size"], r["batch_per_rank"], r["global_batch"], f"{r['step_ms']:.1f}",
              f"{r['samples_s']:.1f}", f"{r['spread']:.2f}"] for r in (one, many)]
-    table = common.md_table(["processes", "batch/rank", "global batch", "ms/step", "samples/s", "spread"], rows)
+    table = harness.md_table(["processes", "batch/rank", "global batch", "ms/step", "samples/s", "spread"], rows)
     text = (f"{s['model']}{' pruned ' + s['ratios'] if s['ratios'] else ''} on {s['device']} "
             f"({result['backend']}, engine {s['engine']}, amp {s['amp']}, input {s['input_size']}, "
             f"{s['threads']} thread(s)/process)\n\n{table}\n\n"
@@ -213,11 +205,9 @@ def bench(args) -> tuple[dict, str]:
 
 
 def main(argv=None) -> int:
-    from . import common
-
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     result, text = bench(args)
-    common.emit(result, text, as_json=args.json, out=args.out)
+    harness.emit(result, text, as_json=args.json, out=args.out)
     return 0
 
 

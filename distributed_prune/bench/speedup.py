@@ -4,6 +4,7 @@
     dprune bench speedup --model resnet50 --ratios "[0,0.6,0.6,0.6,0.21,0]" \\
         --batch 256 --input-size 3,224,224 --dtype bf16 --channels-last --json --out speedup.json
     dprune bench speedup --round-to-table [--model resnet50] [--ratios "SPEC;SPEC"]   # round_to none/8/16/32
+    dprune bench speedup --model resnet50 --weights IMAGENET1K_V1 --ratios "[0,0.6,0.6,0.6,0.21,0]"
 
 Builds the dense model and the pruned one as ``dprune run`` does (:func:`.common.pruned_pair`),
 then times, alternating dense and pruned repetitions (ABBA) after warm-up:
@@ -16,7 +17,10 @@ Times are medians of ``--reps`` repetitions (CUDA events on GPU, perf_counter on
 gives the MAC speedup, the measured speedups and their ratio (measured / MAC: 1.0 means the
 pruned model is as much faster as its MACs say).
 
-``--json`` prints one object: ``model, ratios, round_to, criterion, device, device_name, dtype,
+``--weights``: the dense model is torchvision's pretrained one (the L1 criterion scores its
+weights; speed does not depend on which channels are kept, only on how many).
+
+``--json`` prints one object: ``model, weights, ratios, round_to, criterion, device, device_name, dtype,
 channels_last, compile, batch, input_size, num_classes, reps, warmup, dense_macs, pruned_macs,
 dense_params, pruned_params, mac_speedup, plan_sha256, infer {dense_ms, pruned_ms, speedup,
 dense_img_s, pruned_img_s, efficiency, dense_spread, pruned_spread}, train {same keys},
@@ -48,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name (resnet50 with --round-to-table)")
     p.add_argument("--ratios", default=None, help="ratio spec; with --round-to-table, specs separated by ';'")
     p.add_argument("--criterion", default="l1")
+    p.add_argument("--weights", default=None,
+                   help="torchvision pretrained weights (IMAGENET1K_V1, DEFAULT, ...) for the dense model")
+    p.add_argument("--new-head", action="store_true", help="with --weights: a new classifier head for --num-classes")
     p.add_argument("--batch", type=int, default=None, help="default: 256 on GPU, 8 on CPU")
     p.add_argument("--input-size", default=None, help="C,H,W (default: 224 on GPU, 64 on CPU; CIFAR nets 32)")
     p.add_argument("--num-classes", type=int, default=None)
@@ -66,8 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> dict:
     """Resolved settings (device-dependent defaults filled in)."""
+    if args.new_head and not args.weights:
+        raise UserError("--new-head needs --weights")
     s = common.base_settings(args)
     gpu = s.pop("gpu")
+    if args.weights:
+        from ..models.pretrained import num_classes_of, resolve
+
+        w = resolve(args.model or "resnet50", args.weights)  # a bad name fails before any timing
+        s["weights"] = f"{type(w).__name__}.{w.name}"
+        if args.num_classes is None:
+            s["num_classes"] = num_classes_of(w)
     s.update({"model": args.model, "dtype": args.dtype or ("bf16" if gpu else "fp32"),
               "compile": args.compile, "reps": common.given(args.reps, 30 if gpu else 5),
               "warmup": common.given(args.warmup, 5 if gpu else 1)})
@@ -105,8 +121,19 @@ def make_fns(model, s: dict) -> dict:
     return {"infer": infer, "train": lambda: setup.run(1)}
 
 
+def _dense(model: str, s: dict, args):
+    """The dense model: the registry name itself (``pruned_pair`` seeds and creates it), or with
+    ``--weights`` torchvision's pretrained model (its L1 norms then decide the plan)."""
+    if not args.weights:
+        return model
+    torch.manual_seed(args.seed)
+    from .. import models
+
+    return models.create(model, num_classes=s["num_classes"], weights=args.weights, new_head=args.new_head)
+
+
 def _header(s: dict) -> dict:
-    return {"model": s["model"], **common.env_info(s["device"]), "dtype": s["dtype"],
+    return {"model": s["model"], "weights": s.get("weights"), **common.env_info(s["device"]), "dtype": s["dtype"],
             "channels_last": s["channels_last"], "compile": s["compile"], "batch": s["batch"],
             "input_size": list(s["input_size"]), "num_classes": s["num_classes"], "reps": s["reps"],
             "warmup": s["warmup"]}
@@ -115,8 +142,8 @@ def _header(s: dict) -> dict:
 def speedup(args) -> tuple[dict, str]:
     s = _settings(args)
     common.set_backend_flags(s["device"])
-    pair = common.pruned_pair(args.model, args.ratios, s["num_classes"], s["input_size"], args.round_to,
-                              args.criterion, seed=args.seed)
+    pair = common.pruned_pair(_dense(args.model, s, args), args.ratios, s["num_classes"], s["input_size"],
+                              args.round_to, args.criterion, seed=args.seed)
     m = measure(pair, s)
     res = {**_header(s), "ratios": args.ratios, "round_to": args.round_to, "criterion": args.criterion,
            "dense_macs": pair.dense_macs, "pruned_macs": pair.pruned_macs,
@@ -137,15 +164,16 @@ def speedup(args) -> tuple[dict, str]:
     return res, text
 
 
-def round_to_table(model: str, ratio_specs, s: dict, *, round_tos=ROUND_TOS, criterion="l1",
+def round_to_table(model, ratio_specs, s: dict, *, round_tos=ROUND_TOS, criterion="l1",
                    seed: int = 0) -> list[dict]:
     """One row per (ratios, round_to): MAC speedup, measured inference and training speedup
     (dense timed alternately with each pruned variant), smallest kept width and whether every
-    pruned group keeps a multiple of round_to channels (or all of them)."""
+    pruned group keeps a multiple of round_to channels (or all of them). ``model``: a registry
+    name or the dense ``nn.Module``."""
     torch.manual_seed(seed)
     from .. import models
 
-    dense = models.create(model, num_classes=s["num_classes"])
+    dense = models.create(model, num_classes=s["num_classes"]) if isinstance(model, str) else model
     dense_fns = None
     rows = []
     for spec in ratio_specs:
@@ -172,7 +200,7 @@ def round_to_main(args) -> tuple[dict, str]:
     specs = [r.strip() for r in args.ratios.split(";") if r.strip()] if args.ratios else list(ROUND_TO_RATIOS)
     s = _settings(args)
     common.set_backend_flags(s["device"])
-    rows = round_to_table(args.model, specs, s, criterion=args.criterion, seed=args.seed)
+    rows = round_to_table(_dense(args.model, s, args), specs, s, criterion=args.criterion, seed=args.seed)
     res = {**_header(s), "criterion": args.criterion, "round_to_table": rows}
     table = common.md_table(
         ["ratios", "round_to", "MAC speedup", "infer speedup", "train speedup", "infer/MAC", "train/MAC",

@@ -16,7 +16,6 @@ import importlib
 _EXPORTS = {
     "filter_norms": "dispatch",
     "masked_conv2d": "dispatch",
-    "compact_channels": "dispatch",
     "set_backend": "dispatch",
     "get_backend": "dispatch",
     "BACKENDS": "dispatch",

@@ -1,16 +1,34 @@
-"""Backend selection for the kernels: ``reference`` (pure PyTorch), ``triton``, ``native`` (csrc).
+"""Backend selection for the kernels: ``reference``, ``gather``, ``triton``, ``native``.
 
-Rules (``auto``, the default):
+Backends of ``masked_conv2d``:
 
-* Triton when the tensors are on CUDA and ``triton`` imports, or when ``TRITON_INTERPRET=1``
-  (the Triton interpreter runs the same kernels on CPU tensors; used by the tests).
-* Otherwise the pure-PyTorch reference.  Without a GPU and without the interpreter a Triton launch
-  fails ("0 active drivers"), so this fallback is required, not an optimisation.
-* For ``masked_conv2d`` a measured table (``tuning.json``, written by
-  ``dprune bench kernels --write-tuning``) may pick ``native`` instead, per shape bucket.  With no
-  entry the rule above applies: the choice comes from measurements, never from a guess.
+* ``reference``: dense convolution with masked weights (ground truth; cost of the dense layer).
+* ``gather``: pure PyTorch: select the active input/output channels with (cached) index tensors,
+  run the ordinary convolution (cuDNN / oneDNN) on the compact tensors, scatter the result
+  back; autograd gives the backward.  Cost falls with sparsity.
+* ``native``: the same gather/compact/scatter plan in the csrc extension (one op, its own
+  backward), taking the cached indices as arguments.
+* ``triton``: implicit-GEMM kernels over the active channels (CUDA, or CPU under
+  ``TRITON_INTERPRET=1``).
 
-Forcing: ``DPRUNE_KERNELS=reference|triton|native|auto`` (read at every call), or
+``auto`` (the default) for ``masked_conv2d``:
+
+1. a measured table (``tuning.json``, written by ``dprune bench kernels --write-tuning``) picks
+   the backend per shape bucket when it has an entry for this device and bucket;
+2. otherwise the rule: ``gather`` when some channel is masked and the layer is a plain or
+   depthwise convolution, else ``reference`` (nothing to skip, or a grouped layout gather does
+   not cover).  An unmeasured Triton kernel is never the default: it is chosen only from a
+   measurement.
+
+``filter_norms`` in ``auto`` uses Triton (one launch for all layers) when it can run on the
+tensors' device (CUDA, or the interpreter), else the reference.
+
+Failures: in ``auto`` mode a Triton (or native) error at compile or launch time prints ONE
+warning, demotes that op to the next backend (masked_conv2d: triton -> native -> gather ->
+reference; filter_norms: triton -> reference) for the rest of the process, and the call returns
+the result of that next backend.  A forced backend that fails raises.
+
+Forcing: ``DPRUNE_KERNELS=reference|gather|triton|native|auto`` (read at every call), or
 ``set_backend(name)``, which also works as a context manager and wins over the variable.
 A forced backend that cannot run raises a ``RuntimeError`` rather than silently falling back.
 Triton is imported lazily: importing this module has no side effects.
@@ -33,17 +51,45 @@ from . import reference
 from .triton import interpreter_enabled
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "select", "triton_usable",
-           "filter_norms", "masked_conv2d", "compact_channels", "shape_bucket",
-           "tuning_path", "load_tuning"]
+           "filter_norms", "masked_conv2d", "shape_bucket", "tuning_path", "load_tuning",
+           "demoted", "reset_demotions"]
 
-BACKENDS = ("auto", "reference", "triton", "native")
+BACKENDS = ("auto", "reference", "gather", "triton", "native")
 ENV_VAR = "DPRUNE_KERNELS"
 TUNING_ENV_VAR = "DPRUNE_TUNING_FILE"
-# Ops that the csrc extension implements; others use the reference when "native" is forced.
-NATIVE_OPS = frozenset({"masked_conv2d", "compact_channels"})
+# Ops that the csrc extension / the gather path implement; others use the reference when forced.
+NATIVE_OPS = frozenset({"masked_conv2d"})
+GATHER_OPS = frozenset({"masked_conv2d"})
+# Demotion order in auto mode after a failure (see module docstring).
+_NEXT = {"triton": "native", "native": "gather", "gather": "reference"}
 
 _override: str | None = None
 _lock = threading.Lock()
+# op -> backends that failed in auto mode in this process (never tried again)
+_demoted: dict[str, set[str]] = {}
+
+
+def demoted(op: str) -> frozenset[str]:
+    """Backends of ``op`` demoted after a failure in this process."""
+    return frozenset(_demoted.get(op, ()))
+
+
+def reset_demotions() -> None:
+    """Forget demotions (tests)."""
+    with _lock:
+        _demoted.clear()
+
+
+def _demote(op: str, backend: str, err: BaseException) -> None:
+    import warnings
+    with _lock:
+        first = backend not in _demoted.setdefault(op, set())
+        _demoted[op].add(backend)
+    if first:
+        warnings.warn(f"dprune kernels: {backend} {op} failed ({type(err).__name__}: "
+                      f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}); "
+                      f"using the next backend for {op} for the rest of this process",
+                      RuntimeWarning, stacklevel=3)
 
 
 class set_backend:
@@ -163,14 +209,19 @@ def load_tuning(path: Path | None = None) -> dict:
     return _tuning_cache[key]
 
 
-def select(op: str, device: torch.device, bucket=None) -> str:
-    """Concrete backend (``reference`` | ``triton`` | ``native``) for ``op`` on ``device``.
+def select(op: str, device: torch.device, bucket=None, *, masked: bool = True,
+           gatherable: bool = True) -> str:
+    """Concrete backend (``reference`` | ``gather`` | ``triton`` | ``native``) for ``op``.
 
-    ``bucket`` is a zero-argument callable giving the tuning key (computed only when needed).
+    ``bucket`` is a zero-argument callable giving the tuning key (computed only when needed);
+    ``masked``: some channel is masked (else a plain convolution is already optimal);
+    ``gatherable``: the layer is one the gather path handles (groups 1 or depthwise).
     """
     name = get_backend()
     if name == "reference":
         return "reference"
+    if name == "gather":
+        return "gather" if op in GATHER_OPS else "reference"
     if name == "triton":
         if not triton_usable(device):
             raise RuntimeError(
@@ -186,20 +237,19 @@ def select(op: str, device: torch.device, bucket=None) -> str:
                                f"extension is not available: {native.unavailable_reason()}")
         return "native"
     # auto
-    if op in NATIVE_OPS and bucket is not None:
-        table = load_tuning()
-        if table:
-            choice = table.get(f"{device.type}|{op}|{bucket()}")
-            if choice == "native" and _native_loaded():
+    bad = _demoted.get(op, ())
+    if op == "masked_conv2d":
+        if bucket is not None:
+            table = load_tuning()
+            choice = table.get(f"{device.type}|{op}|{bucket()}") if table else None
+            if choice == "native" and "native" not in bad and _native_loaded():
                 return "native"
-            if choice == "triton" and triton_usable(device):
+            if choice == "triton" and "triton" not in bad and triton_usable(device):
                 return "triton"
-            if choice == "reference":
-                return "reference"
-    if op == "compact_channels":
-        # Plain index_select already is one kernel per tensor; native batches them in one call.
-        return "native" if _native_loaded() else "reference"
-    return "triton" if triton_usable(device) else "reference"
+            if choice in ("reference", "gather") and choice not in bad:
+                return choice
+        return "gather" if masked and gatherable and "gather" not in bad else "reference"
+    return "triton" if "triton" not in bad and triton_usable(device) else "reference"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +274,12 @@ def filter_norms(weights: Sequence[torch.Tensor], p: int,
     backend = select("filter_norms", weights[0].device)
     if backend == "triton":
         from .triton import filter_norms as tfn
-        return tfn.filter_norms(weights, p, grads)
+        if get_backend() != "auto":
+            return tfn.filter_norms(weights, p, grads)
+        try:
+            return tfn.filter_norms(weights, p, grads)
+        except Exception as e:  # compile / launch failure: demote, answer with the reference
+            _demote("filter_norms", "triton", e)
     return reference.filter_norms(weights, p, grads)
 
 
@@ -289,21 +344,57 @@ def _masked_conv2d(x, weight, bias, out_mask, stride=1, padding=0, dilation=1, g
         active = n_active / max(1, out_mask.numel())
         return shape_bucket(tuple(x.shape), tuple(weight.shape), stride_t, groups, active)
 
-    backend = select("masked_conv2d", x.device, bucket)
+    from . import gather
+    # "some channel is masked" without a device sync: known from the cached indices' sizes
+    if out_index is not None:
+        masked = (out_index.numel() < out_mask.numel()
+                  or (in_mask is not None and in_index is not None
+                      and in_index.numel() < in_mask.numel()))
+    else:
+        masked = True
+    backend = select("masked_conv2d", x.device, bucket, masked=masked,
+                     gatherable=gather.supports(x, weight, groups))
     if backend == "reference":
         return reference.masked_conv2d(x, weight, bias, out_mask, stride, padding, dilation,
                                        groups, in_mask)
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise RuntimeError(f"masked_conv2d: input dtype {x.dtype} and weight dtype {weight.dtype} "
                            "(and bias) should be the same")
-    x, padding_t = _resolve_padding(x, weight, padding, stride_t, dilation_t)
-    if backend == "native":
-        from . import native
-        return native.masked_conv2d(x, weight, bias, out_mask, stride_t, padding_t, dilation_t,
-                                    groups, in_mask)
-    from .triton import masked_conv as tmc
-    return tmc.masked_conv2d(x, weight, bias, out_mask, stride_t, padding_t, dilation_t, groups,
-                             in_mask, out_index=out_index, in_index=in_index)
+    xp, padding_t = _resolve_padding(x, weight, padding, stride_t, dilation_t)
+    args = (xp, weight, bias, out_mask, stride_t, padding_t, dilation_t, groups, in_mask)
+    idx = dict(out_index=out_index, in_index=in_index)
+    auto = get_backend() == "auto"
+    while True:
+        try:
+            if backend == "gather":
+                return gather.masked_conv2d(*args, **idx)
+            if backend == "native":
+                from . import native
+                return native.masked_conv2d(*args, **idx)
+            if backend == "triton":
+                from .triton import masked_conv as tmc
+                on_error = ((lambda e: _demote("masked_conv2d", "triton", e)) if auto
+                            else None)
+                return tmc.masked_conv2d(*args, **idx, on_error=on_error)
+            return reference.masked_conv2d(x, weight, bias, out_mask, stride, padding,
+                                           dilation, groups, in_mask)
+        except Exception as e:
+            if not auto or backend in ("gather", "reference") or _is_user_error(e):
+                raise
+            _demote("masked_conv2d", backend, e)
+            backend = _next_usable(backend, x.device)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    # bad arguments (shapes, dtypes) are the caller's, not a backend failure: never demote
+    return isinstance(e, (ValueError, TypeError, UserError))
+
+
+def _next_usable(backend: str, device: torch.device) -> str:
+    nxt = _NEXT[backend]
+    if nxt == "native" and not _native_loaded():
+        nxt = _NEXT[nxt]
+    return nxt
 
 
 def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -313,28 +404,7 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Autograd-capable (x, weight, bias; masks are constants).  ``in_mask`` (optional, one value per
     input channel) marks input channels known to be zero: they are skipped (treated as zero, and
-    get zero gradient).  NCHW and channels_last, fp32/bf16/fp16.  The Triton and native backends
-    compute only the active output channels, so their cost falls with sparsity.
+    get zero gradient).  NCHW and channels_last, fp32/bf16/fp16.  The gather, Triton and native
+    backends compute only the active channels, so their cost falls with sparsity.
     """
     return _masked_conv2d(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask)
-
-
-def compact_channels(tensors: Sequence[torch.Tensor], dims: Sequence[int],
-                     index: torch.Tensor) -> list[torch.Tensor]:
-    """``[t.index_select(d, index) ...]`` for many tensors in one call (weights, BN, optimizer state).
-
-    Not differentiable; meant for physical channel removal under ``torch.no_grad()``.
-    """
-    tensors = list(tensors)
-    dims = [int(d) for d in dims]
-    if len(tensors) != len(dims):
-        raise ValueError(f"compact_channels: {len(tensors)} tensors but {len(dims)} dims")
-    if not tensors:
-        return []
-    index = index.to(dtype=torch.long)
-    backend = select("compact_channels", tensors[0].device)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if backend == "native" and not needs_grad:
-        from . import native
-        return native.compact_channels(tensors, dims, index)
-    return reference.compact_channels(tensors, dims, index)

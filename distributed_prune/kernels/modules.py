@@ -15,9 +15,13 @@ class MaskedConv2d(nn.Conv2d):
     ``in_mask`` buffer (one value per input channel known to be zero, e.g. produced by a masked
     previous layer).  ``forward(x) == conv2d(x * in_mask, weight * out_mask, bias * out_mask)``.
 
-    Parameters are those of ``nn.Conv2d``; masks start all-ones.  Edit them in place
-    (``m.out_mask[idx] = 0``); the active-channel indices are cached per mask version so that
-    GPU forwards do not synchronise on ``nonzero`` every call.
+    Parameters are those of ``nn.Conv2d``; masks start all-ones.  Change them with
+    :meth:`set_masks`, or edit them in place (``m.out_mask[idx] = 0``) and then call
+    :meth:`refresh_masks`.  The active-channel indices are cached so that forwards do not
+    synchronise on ``nonzero``; the cache is keyed by a generation counter that only those two
+    calls (and ``load_state_dict``) advance, plus the mask's storage and device.  It is NOT keyed
+    by the tensor's version counter: DDP re-broadcasts buffers into place before every forward,
+    which bumps that counter without changing the (rank-identical) values.
     """
 
     def __init__(self, *args, **kwargs):
@@ -26,6 +30,7 @@ class MaskedConv2d(nn.Conv2d):
                                                     dtype=self.weight.dtype))
         self.register_buffer("in_mask", None)
         self._index_cache: dict[str, tuple] = {}
+        self._mask_generation = 0
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, out_mask: torch.Tensor | None = None,
@@ -41,23 +46,41 @@ class MaskedConv2d(nn.Conv2d):
         m.out_mask = (out_mask.detach().to(dev, dt).clone() if out_mask is not None
                       else torch.ones(conv.out_channels, device=dev, dtype=dt))
         m.in_mask = in_mask.detach().to(dev, dt).clone() if in_mask is not None else None
+        m.refresh_masks()
         m.train(conv.training)
         return m
 
     def set_masks(self, out_mask: torch.Tensor | None = None,
                   in_mask: torch.Tensor | None = None) -> None:
-        """Replace the masks (copied into this module's device and dtype)."""
+        """Set the masks (values copied into this module's device and dtype).  An existing mask
+        buffer is updated in place, so references to it (e.g. DDP's buffer list) stay valid."""
         dev, dt = self.weight.device, self.weight.dtype
-        if out_mask is not None:
-            self.out_mask = out_mask.detach().to(dev, dt).clone()
-        if in_mask is not None:
-            self.in_mask = in_mask.detach().to(dev, dt).clone()
+        for name, new in (("out_mask", out_mask), ("in_mask", in_mask)):
+            if new is None:
+                continue
+            new = new.detach().to(dev, dt)
+            cur = getattr(self, name)
+            if cur is not None and cur.shape == new.shape and cur.device == new.device:
+                with torch.no_grad():
+                    cur.copy_(new)
+            else:
+                setattr(self, name, new.clone())
+        self.refresh_masks()
+
+    def refresh_masks(self) -> None:
+        """Recompute the cached active-channel indices at the next forward (call after editing
+        a mask in place)."""
+        self._mask_generation += 1
         self._index_cache.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_masks()
 
     def _active_index(self, name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
         if mask is None:
             return None
-        key = (id(mask), mask.data_ptr(), mask._version, mask.device, mask.numel())
+        key = (self._mask_generation, mask.data_ptr(), mask.device, mask.numel())
         cached = self._index_cache.get(name)
         if cached is None or cached[0] != key:
             cached = (key, torch.nonzero(mask != 0).view(-1))

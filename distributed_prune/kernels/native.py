@@ -1,4 +1,4 @@
-"""Loader and Python side of the optional csrc extension (ops in ``torch.ops.dprune``).
+"""Loader and Python side of the optional csrc extension (ops in ``torch.ops.dprune_mc``).
 
 Order of attempts in :func:`load`:
 
@@ -21,7 +21,7 @@ import torch
 
 from . import native_build
 
-__all__ = ["load", "available", "unavailable_reason", "masked_conv2d", "compact_channels"]
+__all__ = ["load", "available", "unavailable_reason", "masked_conv2d"]
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "reason": "not loaded yet", "tried_installed": False,
@@ -30,8 +30,7 @@ _state: dict = {"loaded": False, "reason": "not loaded yet", "tried_installed": 
 
 def _ops_present() -> bool:
     try:
-        torch.ops.dprune.masked_conv2d.default  # noqa: B018  (raises when not registered)
-        torch.ops.dprune.compact_channels.default  # noqa: B018
+        torch.ops.dprune_mc.masked_conv2d.default  # noqa: B018  (raises when not registered)
         return True
     except (AttributeError, RuntimeError):
         return False
@@ -39,13 +38,10 @@ def _ops_present() -> bool:
 
 def _jit_build() -> None:
     from torch.utils.cpp_extension import load as cpp_load
-    cuda = native_build.want_cuda() and bool(native_build.cuda_sources())
-    sources = [str(p) for p in native_build.cpp_sources()
-               + (native_build.cuda_sources() if cuda else [])]
-    flags = native_build.compile_args(cuda)
-    cpp_load(name="dprune_native_cuda" if cuda else "dprune_native", sources=sources,
-             extra_cflags=flags["cxx"], extra_cuda_cflags=flags.get("nvcc"),
-             is_python_module=False, verbose=os.environ.get("DPRUNE_NATIVE_VERBOSE") == "1")
+    sources = [str(p) for p in native_build.cpp_sources()]
+    cpp_load(name="dprune_native_idx", sources=sources,
+             extra_cflags=native_build.compile_args()["cxx"], is_python_module=False,
+             verbose=os.environ.get("DPRUNE_NATIVE_VERBOSE") == "1")
 
 
 def load(build: bool | None = None) -> bool:
@@ -113,7 +109,8 @@ def _conv_out(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _fake_masked_conv2d(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups):
+def _fake_masked_conv2d(x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups,
+                        out_index=None, in_index=None):
     n, _, h, w = x.shape
     oh = _conv_out(h, weight.shape[2], stride[0], padding[0], dilation[0])
     ow = _conv_out(w, weight.shape[3], stride[1], padding[1], dilation[1])
@@ -121,37 +118,28 @@ def _fake_masked_conv2d(x, weight, bias, out_mask, in_mask, stride, padding, dil
 
 
 def _fake_masked_conv2d_backward(grad_y, x, weight, out_mask, in_mask, stride, padding, dilation,
-                                 groups, output_mask):
+                                 groups, output_mask, out_index=None, in_index=None):
     gx = torch.empty_like(x, memory_format=_fmt(x)) if output_mask[0] else x.new_empty((0,))
     gw = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
     gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,))
     return gx, gw, gb
 
 
-def _fake_compact_channels(tensors, dims, index):
-    out = []
-    for t, d in zip(tensors, dims):
-        shape = list(t.shape)
-        shape[d] = index.shape[0]
-        out.append(t.new_empty(shape).contiguous(memory_format=_fmt(t)))
-    return out
-
-
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight, out_mask, in_mask)
+    x, weight, bias, out_mask, in_mask, stride, padding, dilation, groups, oi, ii = inputs
+    ctx.save_for_backward(x, weight, out_mask, in_mask, oi, ii)
     ctx.conf = (list(stride), list(padding), list(dilation), groups, bias is not None)
 
 
 def _backward(ctx, grad_y):
-    x, weight, out_mask, in_mask = ctx.saved_tensors
+    x, weight, out_mask, in_mask, oi, ii = ctx.saved_tensors
     stride, padding, dilation, groups, has_bias = ctx.conf
     need = ctx.needs_input_grad
-    gx, gw, gb = torch.ops.dprune.masked_conv2d_backward(
+    gx, gw, gb = torch.ops.dprune_mc.masked_conv2d_backward(
         grad_y, x, weight, out_mask, in_mask, stride, padding, dilation, groups,
-        [bool(need[0]), bool(need[1]), bool(need[2]) and has_bias])
+        [bool(need[0]), bool(need[1]), bool(need[2]) and has_bias], oi, ii)
     return (gx if need[0] else None, gw if need[1] else None,
-            gb if (need[2] and has_bias) else None, None, None, None, None, None, None)
+            gb if (need[2] and has_bias) else None, None, None, None, None, None, None, None, None)
 
 
 _registered = False
@@ -162,10 +150,9 @@ def _register_python_side() -> None:
     if _registered:
         return
     register_fake = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
-    register_fake("dprune::masked_conv2d")(_fake_masked_conv2d)
-    register_fake("dprune::masked_conv2d_backward")(_fake_masked_conv2d_backward)
-    register_fake("dprune::compact_channels")(_fake_compact_channels)
-    torch.library.register_autograd("dprune::masked_conv2d", _backward,
+    register_fake("dprune_mc::masked_conv2d")(_fake_masked_conv2d)
+    register_fake("dprune_mc::masked_conv2d_backward")(_fake_masked_conv2d_backward)
+    torch.library.register_autograd("dprune_mc::masked_conv2d", _backward,
                                     setup_context=_setup_context)
     _registered = True
 
@@ -174,17 +161,13 @@ def _register_python_side() -> None:
 # entry points used by the dispatcher
 # ---------------------------------------------------------------------------------------------
 
-def masked_conv2d(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask=None):
-    """Native backend of :func:`distributed_prune.kernels.masked_conv2d` (4-D input, int pairs)."""
+def masked_conv2d(x, weight, bias, out_mask, stride, padding, dilation, groups, in_mask=None,
+                  out_index=None, in_index=None):
+    """Native backend of :func:`distributed_prune.kernels.masked_conv2d` (4-D input, int pairs).
+    ``out_index`` / ``in_index``: cached ``nonzero(mask)`` (no synchronising nonzero per call)."""
     if not load():
         raise RuntimeError(f"dprune native ops unavailable: {unavailable_reason()}")
-    return torch.ops.dprune.masked_conv2d(x, weight, bias, out_mask.detach(),
+    return torch.ops.dprune_mc.masked_conv2d(x, weight, bias, out_mask.detach(),
                                           in_mask.detach() if in_mask is not None else None,
-                                          list(stride), list(padding), list(dilation), int(groups))
-
-
-def compact_channels(tensors, dims, index):
-    """Native backend of :func:`distributed_prune.kernels.compact_channels` (one call)."""
-    if not load():
-        raise RuntimeError(f"dprune native ops unavailable: {unavailable_reason()}")
-    return list(torch.ops.dprune.compact_channels(list(tensors), [int(d) for d in dims], index))
+                                          list(stride), list(padding), list(dilation), int(groups),
+                                          out_index, in_index)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["filter_norms", "masked_conv2d", "compact_channels"]
+__all__ = ["filter_norms", "masked_conv2d"]
 
 
 def _check_norm_args(weights: Sequence[torch.Tensor], p: int,
@@ -65,11 +65,3 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         shape = (1, -1, 1, 1) if x.dim() == 4 else (-1, 1, 1)
         x = x * in_mask.to(x.dtype).view(shape)
     return F.conv2d(x, w, b, stride, padding, dilation, groups)
-
-
-def compact_channels(tensors: Sequence[torch.Tensor], dims: Sequence[int],
-                     index: torch.Tensor) -> list[torch.Tensor]:
-    """``[t.index_select(d, index) for t, d in zip(tensors, dims)]`` (keeps channels ``index``)."""
-    if len(tensors) != len(dims):
-        raise ValueError(f"compact_channels: {len(tensors)} tensors but {len(dims)} dims")
-    return [t.index_select(d, index.to(t.device)) for t, d in zip(tensors, dims)]

@@ -1,7 +1,8 @@
 """Model registry.
 
 ``create(name, num_classes=...)`` builds any registered model; ``list_models()`` lists the
-project's own models (:data:`MODELS`) plus every torchvision classification model.
+project's own models (:data:`MODELS`) plus every torchvision classification model;
+``create(name, weights="IMAGENET1K_V1")`` loads torchvision's pretrained weights.
 
 Register a new model with::
 
@@ -64,8 +65,21 @@ def check_kwargs(name: str, kwargs: dict) -> None:
             raise UserError(f"model.kwargs: model {name!r} takes no argument {key!r} (it takes: {others})")
 
 
-def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Build model ``name`` with ``num_classes`` outputs (random init, never downloaded weights)."""
+def create(name: str, num_classes: int | None = None, *, weights: str | None = None,
+           new_head: bool = False, **kwargs) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` outputs (default 10; with ``weights``, the
+    weights' classes).
+
+    ``weights=None``: random init, nothing downloaded. ``weights="IMAGENET1K_V1"`` (any name of
+    torchvision's weights enum for that model, or ``"DEFAULT"``): torchvision's pretrained
+    weights from the torch.hub cache, downloaded once when missing; a ``num_classes`` that
+    differs from the weights' classes needs ``new_head=True`` (see :mod:`.pretrained`).
+    """
+    if weights is not None:
+        from .pretrained import create_pretrained
+
+        return create_pretrained(name, weights, num_classes=num_classes, new_head=new_head, **kwargs)
+    num_classes = 10 if num_classes is None else num_classes
     if name in MODELS:
         check_kwargs(name, kwargs)
         return MODELS[name](num_classes=num_classes, **kwargs)
@@ -76,7 +90,7 @@ def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     raise UserError(f"model.name: unknown model {name!r} (see `dprune models` for the list)")
 
 
-def create_for_input(name: str, num_classes: int, input_shape, **kwargs) -> nn.Module:
+def create_for_input(name: str, num_classes: int | None, input_shape, **kwargs) -> nn.Module:
     """:func:`create` for samples of ``input_shape``: a registered factory that takes
     ``in_features`` (1-D samples) or ``in_channels`` (C, H, W samples) gets it from the shape
     unless ``kwargs`` sets it."""

@@ -35,33 +35,61 @@ def _accumulate(members, per_member_scores, n):
     return total
 
 
-def _norm_criterion(p: int):
-    def crit(members, n, **_):
-        ws = _weight_members(members)
-        from ..kernels import filter_norms
+def _to_host(scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every score vector on the host with ONE device-to-host transfer (concatenated on the
+    device first), instead of one synchronising copy per layer."""
+    if not scores:
+        return []
+    flat = torch.cat([s.detach().reshape(-1).float() for s in scores]).cpu()
+    return list(flat.split([s.numel() for s in scores]))
 
-        return _accumulate(ws, filter_norms([m.module.weight.detach() for m in ws], p), n)
+
+# criterion -> (p, uses gradients): criteria computed by filter_norms over every layer at once
+NORM_CRITERIA = {"l1": (1, False), "l2": (2, False), "taylor": (1, True)}
+
+
+def score_groups(criterion: str, groups, seed: int = 0) -> list[torch.Tensor]:
+    """One fp32 CPU score vector per group (``groups``: ``(root, members, n)`` triples).
+
+    Norm criteria (l1, l2, taylor) score the weights of EVERY group with ONE
+    :func:`~distributed_prune.kernels.filter_norms` call (one kernel launch on GPU) and ONE
+    transfer to the host; the others run per group."""
+    if criterion not in NORM_CRITERIA:
+        return [CRITERIA[criterion](members, n, root=root, seed=seed)
+                for root, members, n in groups]
+    p, with_grads = NORM_CRITERIA[criterion]
+    per_group = [_weight_members(members) for _, members, _ in groups]
+    flat = [m for ws in per_group for m in ws]
+    grads = None
+    if with_grads:
+        missing = next((m.name for m in flat if m.module.weight.grad is None), None)
+        if missing is not None:
+            raise UserError(f"prune.method=taylor: layer {missing!r} has no gradient; "
+                            "Taylor importance needs a few batches of data")
+        grads = [m.module.weight.grad.detach() for m in flat]
+    from ..kernels import filter_norms
+
+    host = _to_host(filter_norms([m.module.weight.detach() for m in flat], p, grads=grads)
+                    if flat else [])
+    out, k = [], 0
+    for (_, _, n), ws in zip(groups, per_group):
+        out.append(_accumulate(ws, host[k:k + len(ws)], n))
+        k += len(ws)
+    return out
+
+
+def _norm_criterion(name: str):
+    def crit(members, n, root="", seed=0, **_):
+        return score_groups(name, [(root, members, n)], seed)[0]
 
     return crit
 
 
-register_criterion("l1")(_norm_criterion(1))
-register_criterion("l2")(_norm_criterion(2))
-
-
-@register_criterion("taylor")
-def _taylor(members, n, **_):
-    """First-order Taylor |sum_{filter} w * dL/dw|; gradients must already be in ``.grad``
-    (accumulated over a few batches by the caller, and all-reduced when distributed)."""
-    ws = _weight_members(members)
-    if any(m.module.weight.grad is None for m in ws):
-        missing = next(m.name for m in ws if m.module.weight.grad is None)
-        raise UserError(f"prune.method=taylor: layer {missing!r} has no gradient; "
-                        "Taylor importance needs a few batches of data")
-    from ..kernels import filter_norms
-
-    return _accumulate(ws, filter_norms([m.module.weight.detach() for m in ws], 1,
-                                        grads=[m.module.weight.grad.detach() for m in ws]), n)
+register_criterion("l1")(_norm_criterion("l1"))
+register_criterion("l2")(_norm_criterion("l2"))
+# First-order Taylor |sum_{filter} w * dL/dw|; gradients must already be in ``.grad``
+# (accumulated over a few batches by the caller, and all-reduced when distributed).
+register_criterion("taylor")(_norm_criterion("taylor"))
 
 
 @register_criterion("bn_scale")

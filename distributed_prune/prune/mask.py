@@ -14,7 +14,7 @@ _NORMS = (nn.modules.batchnorm._BatchNorm,)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _targets(mod: nn.Module, dim: str, idxs: list[int], name: str):
+def mask_targets(mod: nn.Module, dim: str, idxs: list[int], name: str):
     """(parameter name, tensor dim, channel indices) to zero for one group member."""
     if isinstance(mod, nn.Linear):
         return [("weight", 0, idxs), ("bias", 0, idxs)] if dim == "out" else [("weight", 1, idxs)]
@@ -58,6 +58,16 @@ class ChannelMasks:
                 p = getattr(mod, pname)
                 p.index_fill_(dim, idx if idx.device == p.device else idx.to(p.device), 0)
 
+    @torch.no_grad()
+    def zero_grads_(self):
+        """Zero the masked entries of gradients already computed (a mask added between
+        backward and the optimizer step must not let that step move the channel)."""
+        for mod, es in self.by_module.items():
+            for pname, dim, idx in es:
+                g = getattr(mod, pname).grad
+                if g is not None:
+                    g.index_fill_(dim, idx.to(g.device), 0)
+
     def install(self):
         for mod, es in self.by_module.items():
             self.handles.append(mod.register_forward_pre_hook(lambda m, args: self.zero_(m)))
@@ -72,7 +82,7 @@ class ChannelMasks:
         self.handles.clear()
 
 
-def _use_masked_conv(model: nn.Module, kernel: str) -> bool:
+def use_masked_conv(model: nn.Module, kernel: str) -> bool:
     if kernel not in ("auto", "hooks", "masked_conv"):
         raise UserError(f"mask: unknown kernel {kernel!r} (auto, hooks, masked_conv)")
     if kernel == "auto":
@@ -115,7 +125,7 @@ def apply_masks(model: nn.Module, plan: Plan, kernel: str = "auto") -> nn.Module
 
     ``kernel``: ``"masked_conv"`` swaps pruned Conv2d layers for MaskedConv2d (Triton / native
     kernels that skip masked filters); ``"hooks"`` keeps the modules; ``"auto"`` swaps on CUDA."""
-    use_kernel = _use_masked_conv(model, kernel)
+    use_kernel = use_masked_conv(model, kernel)
     graph = Graph(model, example_for(plan, model))
     members = []
     for g in plan.groups:
@@ -126,7 +136,7 @@ def apply_masks(model: nn.Module, plan: Plan, kernel: str = "auto") -> nn.Module
     masks = ChannelMasks()
     for mb in members:
         mod = swapped.get(mb.module, mb.module)
-        for pname, dim, idxs in _targets(mod, mb.dim, mb.idxs, mb.name):
+        for pname, dim, idxs in mask_targets(mod, mb.dim, mb.idxs, mb.name):
             masks.add(mod, pname, dim, idxs)
     old = getattr(model, "_dprune_masks", None)
     if old is not None:

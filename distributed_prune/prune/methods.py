@@ -30,7 +30,7 @@ class Phase(enum.Enum):
     NONE = "none"                       # nothing is pruned at all (prune.method=none)
     ONE_SHOT = "one-shot"               # cut right away
     REGULARIZATION = "regularization"   # train with a penalty on the chosen filters, then cut
-    MASKED = "masked"                   # train with the chosen filters masked, then cut (reserved)
+    MASKED = "masked"                   # train with masks that the phase updates, then cut
 
 
 @dataclass(frozen=True)
@@ -52,22 +52,31 @@ class Method:
         return self.phase in (Phase.REGULARIZATION, Phase.MASKED)
 
     def regularizer(self, model: nn.Module, plan_targets: list[Target], *, granularity: float,
-                    ceiling: float, update_interval: int, stabilize_interval: int, lw_opp: float):
+                    ceiling: float, update_interval: int, stabilize_interval: int, lw_opp: float,
+                    **options):
+        """The phase's regularizer; ``options``: the method's own ``prune.reg`` settings
+        (GReg: mag_ratio_limit, bn_reg; TPP: lw_opp_schedule, weight_reg, bn_reg,
+        zero_out_interval), the authors' defaults when left out (docs/science.md section 10)."""
         if self.make_regularizer is None:
             return None
         return self.make_regularizer(model, plan_targets, granularity=granularity, ceiling=ceiling,
                                      update_interval=update_interval,
-                                     stabilize_interval=stabilize_interval, lw_opp=lw_opp)
+                                     stabilize_interval=stabilize_interval, lw_opp=lw_opp, **options)
 
 
-def _greg(model, tg, *, granularity, ceiling, update_interval, stabilize_interval, lw_opp):
+def _greg(model, tg, *, granularity, ceiling, update_interval, stabilize_interval, lw_opp,
+          mag_ratio_limit=1000.0, bn_reg=None, **_tpp_only):
     return GReg(model, tg, reg_granularity=granularity, reg_ceiling=ceiling,
-                update_reg_interval=update_interval, stabilize_interval=stabilize_interval)
+                update_reg_interval=update_interval, stabilize_interval=stabilize_interval,
+                mag_ratio_limit=mag_ratio_limit, bn_reg=bool(bn_reg))
 
 
-def _tpp(model, tg, *, granularity, ceiling, update_interval, stabilize_interval, lw_opp):
+def _tpp(model, tg, *, granularity, ceiling, update_interval, stabilize_interval, lw_opp,
+         lw_opp_schedule="reg", weight_reg=True, bn_reg=None, zero_out_interval=100, **_greg_only):
     return TPP(model, tg, lw_opp=lw_opp, reg_granularity=granularity, reg_ceiling=ceiling,
-               update_reg_interval=update_interval, stabilize_interval=stabilize_interval)
+               update_reg_interval=update_interval, stabilize_interval=stabilize_interval,
+               lw_opp_schedule=lw_opp_schedule, weight_reg=weight_reg,
+               bn_reg=True if bn_reg is None else bn_reg, zero_out_interval=zero_out_interval)
 
 
 # The regularization methods choose their filters by L1 norm (as the papers do), then drive them
@@ -80,6 +89,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("taylor", "taylor", Phase.ONE_SHOT),
     Method("greg", "l1", Phase.REGULARIZATION, _greg),
     Method("tpp", "l1", Phase.REGULARIZATION, _tpp),
+    # masked phases (prune/masked.py): the plan fixes the groups and their target counts; the
+    # channels are chosen by the phase (prune.masked.criterion), the cut follows its final masks
+    Method("gradual", "l1", Phase.MASKED),
+    Method("soft", "l1", Phase.MASKED),
     Method("none", None, Phase.NONE),
 )}
 

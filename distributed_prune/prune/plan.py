@@ -86,7 +86,7 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
     """
     if example_input is None:
         raise UserError("plan: example_input is required to trace the model")
-    score = imp.CRITERIA.lookup(criterion)
+    imp.CRITERIA.lookup(criterion)  # an unknown name fails here, before tracing
     graph = Graph(model, example_input)
     out_layer = output_layer(model, example_input)
     names = [n for n, _ in prunable_layers(model)]
@@ -95,7 +95,7 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
                  if ms is not None and {m.name for m in ms if m.dim == "out"
                                         and isinstance(m.module, PRUNABLE_TYPES)} == {n}}
     table = resolve(model, ratios, uncoupled=uncoupled, output_layer=out_layer, skip=tuple(skip))
-    groups, claimed = [], {}
+    todo, claimed = [], {}
     for name in names:
         r = table[name]
         if r <= 0 or name in claimed:
@@ -107,9 +107,12 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
                             f"{out_layer!r} (coupled channels)")
         for o in outs:
             claimed[o] = name
-        n = _out_channels(model.get_submodule(name))
+        todo.append((name, members, _out_channels(model.get_submodule(name)), r))
+    # every group scored at once: one filter_norms call and one host transfer for the model
+    all_scores = imp.score_groups(criterion, [(nm, ms, n) for nm, ms, n, _ in todo], seed)
+    groups = []
+    for (name, members, n, r), scores in zip(todo, all_scores):
         k = n_pruned(r, n, round_to)
-        scores = score(members, n, root=name, seed=seed)
         pruned = imp.select_pruned(scores, k, pick, seed=seed, root=name)
         keep = [i for i in range(n) if i not in set(pruned)]
         groups.append(GroupPlan(name, n, keep, r, [f"{m.name}:{m.dim}" for m in members]))

@@ -10,7 +10,7 @@ Usage::
     model = reinit("orthp", pruned_model, activation="relu")
 
 New methods register themselves with ``@register_reinit("name")``; a method is
-``fn(model, *, activation) -> model`` and works in place.
+``fn(model, *, activation, **options) -> model``.
 """
 from __future__ import annotations
 
@@ -37,13 +37,15 @@ def register_reinit(name: str) -> Callable[[ReinitFn], ReinitFn]:
     return REINITS.register(name)
 
 
-def reinit(name: str, model: nn.Module, *, activation: str = "relu") -> nn.Module:
-    """Apply the registered re-initialisation ``name`` to ``model`` in place and return it.
+def reinit(name: str, model: nn.Module, *, activation: str = "relu", **kwargs) -> nn.Module:
+    """Apply the registered re-initialisation ``name`` to ``model`` and return the result
+    (``model`` itself, changed in place, except for ``scratch`` with ``fresh=``, which returns
+    the freshly built model).  ``kwargs`` go to the method (``scratch``: ``fresh``).
 
     Raises:
         UserError: unknown ``name`` (the message lists the valid ones) or unknown ``activation``.
     """
-    return REINITS.lookup(name)(model, activation=activation)
+    return REINITS.lookup(name)(model, activation=activation, **kwargs)
 
 
 def activation_gain(activation: str) -> float:
@@ -101,15 +103,26 @@ def _orthp(model: nn.Module, *, activation: str = "relu") -> nn.Module:
 
 
 @register_reinit("scratch")
-def _scratch(model: nn.Module, *, activation: str = "relu") -> nn.Module:
-    """Fresh default init of the given (already small, dense) model: ``reset_parameters()`` on every
-    submodule that defines it (Conv, Linear, BatchNorm incl. running stats, ...).
+def _scratch(model: nn.Module, *, activation: str = "relu",
+             fresh: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Scratch-E / Scratch-B: the pruned architecture with a fresh initialization, nothing copied.
 
-    Draws from the global torch RNG, so ``torch.manual_seed`` beforehand makes it deterministic.
-    A model whose constructor applies a custom init (e.g. Kaiming-normal convs, zero-init residual
-    BN) is not reproduced by ``reset_parameters``; for that, build the architecture anew
-    (``models.create`` + ``prune.replay``).
+    ``fresh()`` builds the model anew with its own constructor's initialization and the pruned
+    architecture (the pipeline passes ``prune.replay(models.create(...), plan)``): Kaiming-normal
+    convolutions, zero-init BN or whatever the constructor applies, drawn from the global torch
+    RNG.  Its result is returned (``model`` is left as it is); its parameters must have the
+    shapes of ``model``'s.  Without ``fresh`` the fallback is ``reset_parameters()`` on every
+    submodule that defines it (PyTorch's default init, which ignores a custom constructor init).
     """
+    if fresh is not None:
+        new = fresh()
+        old = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+        if old != got:
+            bad = next((k for k in old.keys() | got.keys() if old.get(k) != got.get(k)), None)
+            raise ValueError(f"scratch: the fresh model does not match the pruned one at {bad!r} "
+                             f"({got.get(bad)} vs {old.get(bad)})")
+        return new
     for m in model.modules():
         reset = getattr(m, "reset_parameters", None)
         if callable(reset):

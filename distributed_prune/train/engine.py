@@ -20,6 +20,38 @@ from ..registry import Registry
 ENGINES: Registry[type] = Registry("engine", "dist.engine")
 
 
+def fast_path(device: str = "auto") -> dict:
+    """What ``train.amp`` / ``train.channels_last`` = ``auto`` resolve to for ``train.device``:
+    bf16 autocast + channels_last on a CUDA device with native bf16 (compute capability >= 8.0:
+    Ampere, Hopper, ...; the tensor-core path), else fp32 NCHW (CPU, or an older GPU, where fp16
+    would need loss scaling the user should choose deliberately)."""
+    if device == "cpu":
+        return {"amp": "none", "channels_last": False}
+    if not torch.cuda.is_available():
+        return {"amp": "none", "channels_last": False}
+    if torch.version.hip is not None:  # ROCm reports no CUDA capability; torch knows its bf16 support
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        bf16 = torch.cuda.get_device_capability() >= (8, 0)
+    return {"amp": "bf16", "channels_last": True} if bf16 else {"amp": "none", "channels_last": False}
+
+
+def resolve_static_graph(static_graph, compile: bool, grad_accum: int = 1) -> bool:
+    """``dist.static_graph``: ``auto`` turns DDP's static graph on (the reducer records the
+    gradient-ready order once instead of rediscovering it every step) for every model here,
+    since none changes its set of used parameters or its control flow between steps; TPP's loss
+    on weights outside ``forward`` is one of the cases static_graph is made for. Off where DDP
+    cannot take it: under ``torch.compile`` (dynamo's DDPOptimizer does not support it,
+    pytorch#109261) and with gradient accumulation (``no_sync`` micro-steps trip the static
+    reducer's "expect_autograd_hooks_" assertion; seen with torch 2.14 on gloo)."""
+    if static_graph == "auto":
+        return not compile and grad_accum == 1
+    if static_graph and grad_accum > 1:
+        raise UserError("dist.static_graph=true cannot be combined with train.grad_accum > 1 (DDP's "
+                        "no_sync micro-steps break the static graph); use dist.static_graph=auto")
+    return bool(static_graph)
+
+
 @ENGINES.register("ddp")
 class DDPEngine:
     """Plain PyTorch: DDP when the world is larger than one, the bare module otherwise.
@@ -28,8 +60,8 @@ class DDPEngine:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device, amp="none",
-                 sync_bn=False, bucket_cap_mb=25, static_graph=False, compile=False, grad_accum=1,
-                 **_):
+                 sync_bn=False, bucket_cap_mb=25, static_graph="auto", compile=False, grad_accum=1,
+                 ddp: bool | None = None, **_):
         self.module = model
         self.optimizer = optimizer
         self.device = torch.device(device)
@@ -41,7 +73,11 @@ class DDPEngine:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             self.module = model
         wrapped = model
-        if dist.get_world_size() > 1:
+        self.static_graph = None   # only meaningful with a DDP wrapper
+        # ddp=None: wrap when the world has several processes; True forces the wrapper (a
+        # one-process group, as `dprune bench gpu` uses to run a real NCCL DDP step)
+        if dist.get_world_size() > 1 if ddp is None else ddp:
+            static_graph = self.static_graph = resolve_static_graph(static_graph, compile, grad_accum)
             wrapped = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 bucket_cap_mb=bucket_cap_mb, static_graph=static_graph,

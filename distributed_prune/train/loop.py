@@ -26,10 +26,18 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
                 label_smoothing: float = 0.0, channels_last: bool = False,
                 extra_loss: Optional[Callable[[], torch.Tensor]] = None,
                 grad_hook: Optional[Callable[[int], None]] = None,
-                iteration0: int = 0, progress: bool = False, desc: str = "") -> dict:
-    """One epoch. ``extra_loss()`` is added to the task loss (TPP); ``grad_hook(iteration)``
-    runs after backward and before the optimizer step (GReg); ``iteration0`` is the global
-    optimizer-step count at the start of the epoch. Returns train_loss, train_top1, iterations."""
+                iteration0: int = 0, progress: bool = False, desc: str = "",
+                step_hook: Optional[Callable[[int], None]] = None,
+                after_step: Optional[Callable[[int], bool]] = None,
+                max_iterations: Optional[int] = None) -> dict:
+    """One epoch. ``extra_loss()`` is added to the task loss (TPP); ``step_hook(iteration)``
+    runs before the forward of each optimizer step (the regularizers' schedule);
+    ``grad_hook(iteration)`` runs after backward and before the optimizer step (the L2 penalty's
+    gradient); ``after_step(iteration)`` runs after the optimizer step and ends the epoch early
+    when it returns True (the regularization phase is done); ``max_iterations`` ends it after
+    that many optimizer steps (a fractional last epoch).  ``iteration0`` is the global
+    optimizer-step count at the start of the epoch. Returns train_loss, train_top1, iterations,
+    stopped (True when ``after_step`` ended the epoch)."""
     model, device = engine.model, engine.device
     model.train()
     n_batches = len(loader)
@@ -37,6 +45,7 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)
     it = 0
+    stopped = False
     bar = None
     if progress and dist.is_primary():
         from tqdm import tqdm
@@ -45,8 +54,12 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
     for i, (x, y) in enumerate(loader):
         x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         last_micro = (i + 1) % grad_accum == 0 or i + 1 == n_batches
+        if max_iterations is not None and it >= max_iterations:
+            break
         if i % grad_accum == 0:
             lr_driver.step(epoch, it)
+            if step_hook is not None:
+                step_hook(iteration0 + it)
         with engine.no_sync(not last_micro):
             with engine.autocast():
                 out = model(x)
@@ -62,12 +75,17 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
                 grad_hook(iteration0 + it)
             engine.step()
             it += 1
+            if after_step is not None and after_step(iteration0 + it - 1):
+                stopped = True
         if bar is not None:
             bar.update(1)
+        if stopped:
+            break
     if bar is not None:
         bar.close()
     stats = torch.stack([loss_sum, correct.double(), count.double()])
     dist.all_reduce_sum(stats)
     loss_v, correct_v, count_v = stats.tolist()
     return {"train_loss": loss_v / max(count_v, 1), "train_top1": correct_v / max(count_v, 1),
-            "iterations": it}
+            "samples": int(count_v),
+            "iterations": it, "stopped": stopped}

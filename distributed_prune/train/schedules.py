@@ -19,13 +19,22 @@ Grammar accepted by :func:`parse_schedule` (whitespace is ignored)::
     offset:30+cosine:0.1:0        the schedule seen by a run that starts at epoch 30 of the
                                   wrapped one (what :meth:`Schedule.offset` returns for schedules
                                   that are not dictionaries; dictionaries are shifted instead)
+    over:120+cosine:0.1:0         the wrapped schedule laid over a run of 120 epochs whatever
+                                  the stage's own length (the pretraining part of PxFy: epochs
+                                  [0, x) of the overall schedule); a schedule that does not
+                                  depend on the run length is returned unwrapped
 
 Epochs are 0-based.  ``Schedule.text`` is the canonical form; schedules compare equal when
 their canonical forms are equal, so ``multistep:0.1:0.1:30`` == ``0:0.1,30:0.01``.
 
-PxFy (docs/science.md section 4): prune at epoch x of ONE overall schedule S over T epochs, then
-retrain with ``S.offset(x)`` for T - x epochs; ``S.offset(x).lr_at(e, total_epochs=T - x)``
-equals ``S.lr_at(x + e, total_epochs=T)``.
+PxFy (docs/science.md section 4): prune at epoch x of ONE overall schedule S over T epochs: pretrain
+with ``S.over(T)`` for x epochs, then retrain with ``S.offset(x)`` for T - x epochs;
+``S.over(T).lr_at(e, total_epochs=x) == S.lr_at(e, total_epochs=T)`` and
+``S.offset(x).lr_at(e, total_epochs=T - x) == S.lr_at(x + e, total_epochs=T)``: a cosine anneals
+over the whole run.
+
+Scratch-E / Scratch-B train longer than the recipe they derive from: ``S.stretch(f)`` scales every
+epoch position of S (milestones, warmup length, offsets) by ``f`` (rounded to whole epochs).
 
 Use in a training loop::
 
@@ -45,7 +54,7 @@ from distributed_prune.errors import UserError
 
 __all__ = [
     "Schedule", "StepSchedule", "CosineSchedule", "WarmupSchedule", "OffsetSchedule",
-    "parse_schedule", "EpochIterLR",
+    "OverSchedule", "parse_schedule", "EpochIterLR",
 ]
 
 
@@ -80,6 +89,11 @@ class Schedule:
         """Canonical text; ``parse_schedule(s.text) == s``."""
         raise NotImplementedError
 
+    @property
+    def needs_total_epochs(self) -> bool:
+        """True when :meth:`lr_at` depends on ``total_epochs`` (cosine, and wrappers of it)."""
+        return False
+
     def first_stage_epochs(self, total_epochs: int) -> int:
         """Length in epochs of the first constant-LR stage (capped at ``total_epochs``).
 
@@ -94,6 +108,15 @@ class Schedule:
         if x == 0:
             return self
         return OffsetSchedule(x, self)
+
+    def over(self, total_epochs: int) -> "Schedule":
+        """This schedule laid over a run of ``total_epochs`` whatever the stage's own length
+        (itself when it does not depend on the run length)."""
+        return OverSchedule(total_epochs, self) if self.needs_total_epochs else self
+
+    def stretch(self, factor: float) -> "Schedule":
+        """Every epoch position scaled by ``factor`` > 0 (rounded); cosine is already relative."""
+        raise NotImplementedError
 
     def as_dict(self, total_epochs: int) -> dict[int, float]:
         """``{epoch: lr}`` at epoch starts, listing epoch 0 and every epoch where the LR changes.
@@ -128,6 +151,12 @@ class Schedule:
 
     def __repr__(self) -> str:
         return f"parse_schedule({self.text!r})"
+
+
+def _check_factor(f) -> float:
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not (f > 0 and math.isfinite(f)):
+        raise ValueError(f"schedule stretch factor must be a finite number > 0, got {f!r}")
+    return float(f)
 
 
 def _check_offset(x) -> int:
@@ -178,6 +207,13 @@ class StepSchedule(Schedule):
     def as_dict(self, total_epochs):
         return {k: v for k, v in self.table.items() if k < int(total_epochs)}
 
+    def stretch(self, factor):
+        f = _check_factor(factor)
+        table: dict[int, float] = {}
+        for k, v in self.table.items():  # a later key landing on the same epoch wins
+            table[int(round(k * f))] = v
+        return StepSchedule(table)
+
 
 class CosineSchedule(Schedule):
     """Cosine annealing from ``lr0`` to ``lr_min`` over the run, per iteration.
@@ -198,8 +234,16 @@ class CosineSchedule(Schedule):
     def text(self):
         return f"cosine:{_fmt(self.lr0)}:{_fmt(self.lr_min)}"
 
+    @property
+    def needs_total_epochs(self):
+        return True
+
     def first_stage_epochs(self, total_epochs):
         return int(total_epochs)
+
+    def stretch(self, factor):
+        _check_factor(factor)
+        return self
 
 
 class WarmupSchedule(Schedule):
@@ -222,6 +266,10 @@ class WarmupSchedule(Schedule):
     def text(self):
         return f"warmup:{self.epochs}+{self.inner.text}"
 
+    @property
+    def needs_total_epochs(self):
+        return self.inner.needs_total_epochs
+
     def first_stage_epochs(self, total_epochs):
         """That of the wrapped schedule (the warmup is part of the first stage)."""
         return self.inner.first_stage_epochs(total_epochs)
@@ -231,6 +279,10 @@ class WarmupSchedule(Schedule):
         if x >= self.epochs:  # warmup already over: only the wrapped schedule is left
             return self.inner.offset(x)
         return super().offset(x)
+
+    def stretch(self, factor):
+        f = _check_factor(factor)
+        return WarmupSchedule(max(1, int(round(self.epochs * f))), self.inner.stretch(f))
 
 
 class OffsetSchedule(Schedule):
@@ -252,6 +304,10 @@ class OffsetSchedule(Schedule):
     def text(self):
         return f"offset:{self.start}+{self.inner.text}"
 
+    @property
+    def needs_total_epochs(self):
+        return self.inner.needs_total_epochs
+
     def first_stage_epochs(self, total_epochs):
         n = self.inner.first_stage_epochs(int(total_epochs) + self.start) - self.start
         return min(max(n, 0), int(total_epochs))
@@ -259,6 +315,40 @@ class OffsetSchedule(Schedule):
     def offset(self, x):
         x = _check_offset(x)
         return self if x == 0 else OffsetSchedule(self.start + x, self.inner)
+
+    def stretch(self, factor):
+        f = _check_factor(factor)
+        return self.inner.stretch(f).offset(int(round(self.start * f)))
+
+
+class OverSchedule(Schedule):
+    """``inner`` over a run of ``total`` epochs, whatever ``total_epochs`` the stage passes.
+
+    ``lr_at(e, it, n, T') == inner.lr_at(e, it, n, total)``: the pretraining part of PxFy runs the
+    first x epochs of a schedule that spans the whole run.
+    """
+
+    def __init__(self, total: int, inner: Schedule):
+        if isinstance(inner, OverSchedule):
+            inner = inner.inner
+        self.total, self.inner = _need_total(total, inner.text), inner
+
+    def lr_at(self, epoch, it=0, iters_per_epoch=1, total_epochs=None):
+        return self.inner.lr_at(epoch, it, iters_per_epoch, self.total)
+
+    @property
+    def text(self):
+        return f"over:{self.total}+{self.inner.text}"
+
+    def first_stage_epochs(self, total_epochs):
+        return min(self.inner.first_stage_epochs(self.total), int(total_epochs))
+
+    def over(self, total_epochs):
+        return self.inner.over(total_epochs)
+
+    def stretch(self, factor):
+        f = _check_factor(factor)
+        return self.inner.stretch(f).over(int(round(self.total * f)))
 
 
 # ----------------------------------------------------------------------------------- parsing
@@ -289,7 +379,7 @@ def _parse(text: str, whole: str) -> Schedule:
     if not text:
         raise _bad(whole, "empty schedule")
     head = text.split(":", 1)[0].lower()
-    if head in ("warmup", "offset"):
+    if head in ("warmup", "offset", "over"):
         prefix, sep, rest = text.partition("+")
         fields = prefix.split(":")
         if not sep or len(fields) != 2:
@@ -299,6 +389,10 @@ def _parse(text: str, whole: str) -> Schedule:
             if n < 1:
                 raise _bad(whole, f"warmup epochs must be >= 1, got {n}")
             return WarmupSchedule(n, _parse(rest, whole))
+        if head == "over":
+            if n < 1:
+                raise _bad(whole, f"over epochs must be >= 1, got {n}")
+            return _parse(rest, whole).over(n)
         if n < 0:
             raise _bad(whole, f"offset must be >= 0, got {n}")
         return _parse(rest, whole).offset(n)

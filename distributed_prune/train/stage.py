@@ -8,6 +8,7 @@ on every rank, and may add keys to ``row`` before a later hook logs it.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -76,23 +77,32 @@ class EpochEnd:
 EpochHook = Callable[[EpochEnd], None]
 
 
-def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: int, schedule: str,
+def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, schedule: str,
                  optim: OptimSettings, engine: EngineSettings,
                  evaluate: Callable[[nn.Module], float], start_epoch: int = 0,
                  resume: Optional[dict] = None, regularizer=None,
-                 hooks: Sequence[EpochHook] = (), progress: bool = False) -> nn.Module:
-    """Train epochs ``start_epoch .. epochs-1``; returns the plain (unwrapped) module.
+                 hooks: Sequence[EpochHook] = (), progress: bool = False,
+                 step_hook: Optional[Callable[[nn.Module, int], None]] = None) -> nn.Module:
+    """Train epochs ``start_epoch .. ceil(epochs)-1``; returns the plain (unwrapped) module.
 
-    ``resume``: the training state of the checkpoint resumed from (engine, lr, rng), or None.
-    ``regularizer``: a GReg-like object (``step(it)``, ``apply_(module)``, ``reg_at(it)``) or a
-    TPP-like one (also ``loss(module)``). ``evaluate(module) -> top1`` runs after each epoch."""
-    if epochs <= 0 or start_epoch >= epochs:
+    A fractional ``epochs`` cuts the last epoch to that fraction of its iterations (Scratch-B's
+    exact budget). ``resume``: the training state of the checkpoint resumed from (engine, lr, rng,
+    and the regularizer's state), or None. ``regularizer``: a GReg / TPP object
+    (:mod:`distributed_prune.prune.regularize`): ``step(it, module)`` before each forward,
+    ``loss(module)`` added to the task loss, ``apply_(module)`` after backward,
+    ``after_step(module)`` after the optimizer step; the stage ends as soon as ``done`` (rows
+    then carry ``reg``, ``iterations`` and ``epochs_done``). ``evaluate(module) -> top1`` runs
+    after each epoch. ``step_hook(module, iteration)`` runs after backward and before each
+    optimizer step, after the regularizer's gradient (the masked phase's mask updates);
+    ``iteration`` counts optimizer steps from the stage's start."""
+    n_epochs = math.ceil(round(epochs, 9))
+    if epochs <= 0 or start_epoch >= n_epochs:
         return model
     model.to(engine.device)
     if engine.channels_last:
         model.to(memory_format=torch.channels_last)
     sched = parse_schedule(schedule)
-    opt = build_optimizer(model, name=optim.optimizer, lr=sched.lr_at(0, total_epochs=epochs),
+    opt = build_optimizer(model, name=optim.optimizer, lr=sched.lr_at(0, total_epochs=n_epochs),
                           momentum=optim.momentum, weight_decay=optim.weight_decay,
                           nesterov=optim.nesterov)
     eng = build_engine(engine.name, model, opt, device=engine.device, amp=engine.amp,
@@ -101,55 +111,74 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: int, sch
                        grad_accum=engine.grad_accum, ds_config=engine.ds_config,
                        micro_batch=engine.micro_batch, world_size=engine.world_size)
     iters = max(1, -(-len(train_loader) // engine.grad_accum))
-    lr_driver = EpochIterLR(eng, schedule, epochs, iters)
+    total_iters = round(epochs * iters)
+    lr_driver = EpochIterLR(eng, schedule, n_epochs, iters)
     if resume is not None:
         eng.load_state_dict(resume["engine"])
         lr_driver.load_state_dict(resume["lr"])
         set_rng_state(resume["rng"])
-    extra_loss, grad_hook = _regularizer_hooks(regularizer, eng.module)
+        if regularizer is not None:
+            regularizer.load_state_dict(resume["reg_state"])
+    loop_hooks = _regularizer_hooks(regularizer, eng.module)
+    if step_hook is not None:
+        module, inner = eng.module, loop_hooks.get("grad_hook")
+
+        def grad_hook(it):  # the regularizer's penalty gradient (if any), then the mask update
+            if inner is not None:
+                inner(it)
+            step_hook(module, it)
+        loop_hooks["grad_hook"] = grad_hook
 
     def training_state():
-        return {"engine": eng.state_dict(), "lr": lr_driver.state_dict(), "rng": rng_state()}
+        state = {"engine": eng.state_dict(), "lr": lr_driver.state_dict(), "rng": rng_state()}
+        if regularizer is not None:
+            state.update(reg_state=regularizer.state_dict(), reg_done=regularizer.done)
+        return state
 
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, n_epochs):
         t0 = time.time()
         _set_epoch(train_loader, epoch)
         stats = train_epoch(eng, train_loader, epoch=epoch, lr_driver=lr_driver,
                             grad_accum=engine.grad_accum, label_smoothing=optim.label_smoothing,
-                            channels_last=engine.channels_last, extra_loss=extra_loss,
-                            grad_hook=grad_hook, iteration0=epoch * iters, progress=progress,
-                            desc=f"{stage} {epoch + 1}/{epochs}")
+                            channels_last=engine.channels_last, iteration0=epoch * iters,
+                            progress=progress, desc=f"{stage} {epoch + 1}/{n_epochs}",
+                            max_iterations=total_iters - epoch * iters, **loop_hooks)
+        # the loss all-reduce in train_epoch synchronised the device: this is the training time
+        train_s = time.time() - t0
         eng.sync_buffers()  # rank 0's BN statistics on every rank: eval == checkpoint
         top1 = evaluate(eng.module)
-        row = {"stage": stage, "epoch": epoch, "lr": sched.lr_at(epoch, total_epochs=epochs),
+        row = {"stage": stage, "epoch": epoch, "lr": sched.lr_at(epoch, total_epochs=n_epochs),
                "train_loss": stats["train_loss"], "train_top1": stats["train_top1"], "top1": top1,
-               "time_s": round(time.time() - t0, 3)}
+               "time_s": round(time.time() - t0, 3),
+               "images_per_s": round(stats["samples"] / max(train_s, 1e-9), 1)}
         if regularizer is not None:
-            row["reg"] = regularizer.reg_at(epoch * iters + iters - 1)
-        end = EpochEnd(stage, epoch, epochs, row, eng.module, training_state)
+            row.update(reg=regularizer.reg, iterations=regularizer.iteration + 1,
+                       epochs_done=(regularizer.iteration + 1) / iters)
+        end = EpochEnd(stage, epoch, n_epochs, row, eng.module, training_state)
         for hook in hooks:
             hook(end)
-        if end.stop:
+        if end.stop or (regularizer is not None and regularizer.done):
             break
     model = eng.finish()  # the plain module (DeepSpeed: fp32 master weights, hooks removed)
     del eng
     return model
 
 
-def _regularizer_hooks(regularizer, module):
-    """(extra_loss, grad_hook) for train_epoch: TPP adds a loss term, GReg adds a penalty
-    gradient on the pruned filters after backward; both advance the penalty schedule."""
+def _regularizer_hooks(regularizer, module) -> dict:
+    """train_epoch's hooks for a regularizer: its schedule advances before each forward (as in
+    the authors' loops), TPP's Gram loss joins the task loss, the L2 penalty's gradient is added
+    after backward, TPP zeroes pruned filters after the step, and the epoch ends when done."""
     if regularizer is None:
-        return None, None
-    extra_loss = (lambda: regularizer.loss(module)) if hasattr(regularizer, "loss") else None
-    apply_fn = getattr(regularizer, "apply_", None)
+        return {}
 
-    def grad_hook(it):
-        regularizer.step(it)
-        if apply_fn is not None:
-            apply_fn(module)
+    def after_step(it):
+        regularizer.after_step(module)
+        return regularizer.done
 
-    return extra_loss, grad_hook
+    return {"step_hook": lambda it: regularizer.step(it, module),
+            "extra_loss": lambda: regularizer.loss(module),
+            "grad_hook": lambda it: regularizer.apply_(module),
+            "after_step": after_step}
 
 
 def _set_epoch(loader, epoch):

@@ -108,3 +108,26 @@ def test_sync_bn_is_refused_on_cpu(tmp_path):
     assert r.stderr.count("dprune: error: dist.sync_bn=true needs CUDA") == 2, r.stderr[-3000:]
     assert "[rank0]: Traceback" not in r.stderr and "exitcode: 2" in r.stderr
     assert not (tmp_path / "run").exists()      # refused before anything is written
+
+
+def test_gradual_phase_two_processes_masks_agree_and_resume(tmp_path):
+    """prune.method=gradual under DDP: mask hashes are checked across ranks at every update (a
+    mismatch would abort the run), both ranks end with the same plan and weights, and a run
+    killed in the middle of the phase resumes to the uninterrupted result."""
+    from dist_launch import ROOT
+    gradual = str(ROOT / "configs" / "gradual_digits.yaml")
+    ref, out, dump = tmp_path / "ref", tmp_path / "killed", tmp_path / "dump"
+    ok(torchrun([gradual, f"output.dir={ref}", *SMALL], cwd=tmp_path,
+                DPRUNE_DUMP_RANK_STATE=str(dump)))
+    r0 = torch.load(dump / "rank0.pt", weights_only=True)
+    r1 = torch.load(dump / "rank1.pt", weights_only=True)
+    assert r0["plan_sha256"] == r1["plan_sha256"] == summary(ref)["plan_sha256"]
+    for k, v in r0["state_dict"].items():
+        assert torch.equal(v, r1["state_dict"][k]), k
+    r = ok(torchrun([gradual, f"output.dir={out}", *SMALL], torchrun_args=["--max-restarts", "1"],
+                    cwd=tmp_path, DPRUNE_FAULT="prune:1", DPRUNE_FAULT_RANK="1"))
+    assert "resuming" in r.stdout and "prune-0001.pt" in r.stdout
+    for a, b in zip(metrics(ref), metrics(out)):
+        assert (a["stage"], a["epoch"]) == (b["stage"], b["epoch"])
+        assert a["train_loss"] == b["train_loss"] and a["top1"] == b["top1"], (a, b)
+    assert summary(out)["plan_sha256"] == summary(ref)["plan_sha256"]

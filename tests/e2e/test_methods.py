@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distributed_prune import config, pipeline, prune
+from distributed_prune.errors import UserError
 from distributed_prune.report import load_runs
 from distributed_prune.setups import check
 
@@ -30,26 +31,77 @@ def _rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# digits, batch 64: 1347 training images -> 22 iterations per epoch
+_ITERS = 22
+_REG = {"granularity": 0.1, "ceiling": 1.0, "update_interval": 2, "stabilize_interval": 20,
+        "zero_out_interval": 2, "lw_opp": 1000.0}
+
+
 @pytest.mark.parametrize("method", ["greg", "tpp"])
-def test_regularization_phase_then_removal(tmp_path, method):
-    s, d = _run(tmp_path, method, prune__method=method, prune__epochs=3, prune__lr_schedule="0:0.02",
-                prune__reg={"granularity": 0.05, "ceiling": 2.0, "update_interval": 1,
-                            "stabilize_interval": 5, "lw_opp": 1.0})
-    assert [r["epoch"] for r in _rows(d) if r["stage"] == "prune"] == [0, 1, 2]
-    assert s["setup"]["prune_epochs"] == 3 and s["setup"]["total_epochs"] == 2 + 3 + 2
+def test_regularization_phase_ends_when_done_then_removal(tmp_path, method):
+    # GReg: 11 updates (it = 0, 2, ..., 20) until reg > 1, stabilize 20: iterations 0..40;
+    # TPP: reg = 0.1 * it / 2 reaches 1 at it = 20, stabilize 20: also 0..40 -> 41 iterations
+    s, d = _run(tmp_path, method, prune__method=method, prune__epochs=5, prune__lr_schedule="0:0.02",
+                prune__reg=dict(_REG, mag_ratio_limit=None))
+    rows = [r for r in _rows(d) if r["stage"] == "prune"]
+    assert [r["epoch"] for r in rows] == [0, 1]  # 41 iterations: the phase stops in epoch 1 of 5
+    assert rows[-1]["iterations"] == 41 and rows[-1]["reg"] == pytest.approx(1.1 if method == "greg" else 1.0)
+    assert s["setup"]["prune_epochs"] == pytest.approx(41 / _ITERS)
+    assert s["setup"]["total_epochs"] == pytest.approx(2 + 41 / _ITERS + 2)
+    assert s["setup"]["prune_lr_schedule"] == "0:0.02"
     plan = prune.Plan.from_json((d / "plan.json").read_text())
-    dense_end = torch.load(d / "checkpoints" / "prune-0002.pt", weights_only=True)["state_dict"]
+    dense_end = torch.load(d / "checkpoints" / "prune-0001.pt", weights_only=True)["state_dict"]
     base = torch.load(d / "checkpoints" / "base.pt", weights_only=True)["state_dict"]
     for g in plan.groups:
-        # the following BN's scale: GReg and TPP both drive it to zero on the pruned channels
-        # (with BN after the conv, the conv filter's own norm does not change the output)
         bn = next(m.split(":")[0] for m in g.members if m.endswith(":out") and m.split(":")[0] != g.root)
-        w0, w1 = base[bn + ".weight"][:, None], dense_end[bn + ".weight"][:, None]
         pruned = plan.pruned(g)
-        shrink_pruned = (w1[pruned].norm(dim=1) / w0[pruned].norm(dim=1)).mean()
-        shrink_kept = (w1[g.keep].norm(dim=1) / w0[g.keep].norm(dim=1)).mean()
-        assert shrink_pruned < 0.5 * shrink_kept, (g.root, float(shrink_pruned), float(shrink_kept))
+        if method == "tpp":  # TPP zeroes the pruned filters and their BN layer by layer
+            assert (dense_end[g.root + ".weight"][pruned] == 0).all()
+            assert (dense_end[bn + ".weight"][pruned] == 0).all() and (dense_end[bn + ".bias"][pruned] == 0).all()
+        else:  # GReg (authors' default) shrinks the filter weights and leaves the BN alone
+            w0, w1 = base[g.root + ".weight"].flatten(1), dense_end[g.root + ".weight"].flatten(1)
+            shrink_pruned = (w1[pruned].norm(dim=1) / w0[pruned].norm(dim=1)).mean()
+            shrink_kept = (w1[g.keep].norm(dim=1) / w0[g.keep].norm(dim=1)).mean()
+            assert shrink_pruned < 0.8 * shrink_kept, (g.root, float(shrink_pruned), float(shrink_kept))
+            assert (dense_end[bn + ".weight"][pruned] != 0).all()
     assert s["final"]["top1"] > 0.5
+
+
+def test_regularization_phase_too_short_is_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "short"
+    r = subprocess.run([sys.executable, "-m", "distributed_prune", "run", str(ROOT / "configs" / "debug_cpu.yaml"),
+                        "prune.method=tpp", "prune.epochs=1", f"output.dir={out}", "prune.reg.granularity=0.1",
+                        "prune.reg.update_interval=2", "prune.reg.stabilize_interval=20",
+                        "prune.reg.zero_out_interval=2"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and not out.exists()
+    assert "Traceback" not in r.stderr
+    assert "prune.epochs=1 gives 22 iterations (22 per epoch) but tpp needs 41" in r.stderr
+    assert "prune.epochs >= 2" in r.stderr
+
+
+def test_regularization_phase_resumes_exactly(tmp_path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "distributed_prune", "run", str(ROOT / "configs" / "debug_cpu.yaml"),
+            "prune.method=greg", "prune.epochs=3", "pretrain.epochs=1", "retrain.epochs=1",
+            "prune.reg.granularity=0.05", "prune.reg.update_interval=1", "prune.reg.stabilize_interval=10",
+            "trainability.jsv=false"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    a = subprocess.run(args + [f"output.dir={tmp_path / 'a'}"], capture_output=True, text=True, env=env)
+    assert a.returncode == 0, a.stderr[-2000:]
+    k = subprocess.run(args + [f"output.dir={tmp_path / 'b'}"], capture_output=True, text=True,
+                       env={**env, "DPRUNE_FAULT": "prune:0"})
+    assert k.returncode != 0
+    b = subprocess.run(args + [f"output.dir={tmp_path / 'b'}"], capture_output=True, text=True, env=env)
+    assert b.returncode == 0 and "resuming" in b.stdout, b.stderr[-2000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    assert strip(_rows(tmp_path / "a")) == strip(_rows(tmp_path / "b"))
+    sa, sb = (json.loads((tmp_path / x / "summary.json").read_text()) for x in "ab")
+    assert sa["final"] == sb["final"] and sa["setup"] == sb["setup"]
 
 
 @pytest.mark.parametrize("method", ["l2", "random", "bn_scale", "taylor"])
@@ -60,14 +112,43 @@ def test_one_shot_criteria(tmp_path, method):
 
 
 def test_orthp_and_scratch_budgets(tmp_path):
-    s0, _ = _run(tmp_path, "none", prune__reinit="none")
+    s0, d0 = _run(tmp_path, "none", prune__reinit="none", name="L1")
     s1, d1 = _run(tmp_path, "orthp", prune__reinit="orthp")
     assert s1["pruned"]["jsv_mean"] != pytest.approx(s0["pruned"]["jsv_mean"])
-    s2, d2 = _run(tmp_path, "scratchB", prune__reinit="scratch", retrain__scratch_budget="B")
-    want = math.ceil(2 * s2["pruned"]["speedup"] + 2 - 1e-9)
-    assert s2["setup"]["retrain_epochs"] == want == len([r for r in _rows(d2) if r["stage"] == "retrain"])
-    s3, _ = _run(tmp_path, "scratchE", prune__reinit="scratch", retrain__scratch_budget="E")
-    assert s3["setup"]["retrain_epochs"] == 4
+    # Scratch-B: K1 = 2 pretrain epochs; exactly 2 * speedup + 2 epochs (the last one cut short),
+    # the 0:0.01,1:0.001 schedule stretched by that / 2; only its own training counts
+    s2, d2 = _run(tmp_path, "scratchB", prune__reinit="scratch", retrain__scratch_budget="B", name="Scratch-B")
+    want = 2 * s2["pruned"]["speedup"] + 2
+    rows = [r for r in _rows(d2) if r["stage"] == "retrain"]
+    assert s2["setup"]["retrain_epochs"] == pytest.approx(want) and len(rows) == math.ceil(want)
+    f = want / 2
+    assert s2["setup"]["retrain_lr_schedule"] == f"0:0.01,{round(f)}:0.001"
+    assert [r["lr"] for r in rows] == [0.01 if e < round(f) else 0.001 for e in range(len(rows))]
+    assert s2["setup"]["pretrain_epochs"] == 0 and s2["setup"]["total_epochs"] == pytest.approx(want)
+    # ... and so it passes SX-B (and SX-A fails) against the L1 run it derives from
+    r = check(load_runs([d0, d2]))
+    assert "SX-B" in r.extra and "SX-A" not in r.extra, r
+    s3, d3 = _run(tmp_path, "scratchE", prune__reinit="scratch", retrain__scratch_budget="E", name="Scratch-E")
+    assert s3["setup"]["retrain_epochs"] == 4 and s3["setup"]["retrain_lr_schedule"] == "0:0.01,2:0.001"
+    assert "SX-A" in check(load_runs([d0, d3])).extra
+    # K1 from a loaded base: recorded in base.pt by the run that trained it (2 epochs here) ...
+    base = d0 / "checkpoints" / "base.pt"
+    s4, _ = _run(tmp_path, "scratchE_loaded", pretrain__checkpoint=str(base), prune__reinit="scratch",
+                 retrain__scratch_budget="E")
+    assert s4["setup"]["retrain_epochs"] == 4
+    # ... or given in the config; a plain weights file without it is refused before the run
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.load(base, weights_only=True)["state_dict"], plain)
+    s5, _ = _run(tmp_path, "scratchE_given", pretrain__checkpoint=str(plain), pretrain__base_epochs=7,
+                 prune__reinit="scratch", retrain__scratch_budget="E")
+    assert s5["setup"]["retrain_epochs"] == 9
+    with pytest.raises(UserError, match="pretrain.base_epochs"):
+        _run(tmp_path, "scratchE_unknown", pretrain__checkpoint=str(plain), prune__reinit="scratch",
+             retrain__scratch_budget="E")
+    assert not (tmp_path / "scratchE_unknown").exists()
+    # L1 on a loaded base counts the base's epochs as its pretraining (SX-A / SX-B totals)
+    s6, _ = _run(tmp_path, "l1_loaded", pretrain__checkpoint=str(base))
+    assert s6["setup"]["pretrain_epochs"] == 2 and s6["setup"]["total_epochs"] == 4
 
 
 def test_pxfy_one_overall_schedule(tmp_path):
@@ -76,6 +157,14 @@ def test_pxfy_one_overall_schedule(tmp_path):
     assert [r["lr"] for r in rows if r["stage"] == "pretrain"] == [0.05, 0.02]
     assert [r["lr"] for r in rows if r["stage"] == "retrain"] == [0.02, 0.002]
     assert s["setup"]["retrain_lr_schedule"] == "0:0.02,1:0.002" and s["setup"]["total_epochs"] == 4
+
+
+def test_pxfy_cosine_anneals_over_the_whole_run(tmp_path):
+    s, d = _run(tmp_path, "pxfy_cos", pxfy={"total_epochs": 4, "prune_at": 2, "lr_schedule": "cosine:0.1:0"})
+    rows = _rows(d)
+    lrs = [r["lr"] for r in rows if r["stage"] in ("pretrain", "retrain")]  # LR at each epoch start
+    assert lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 4)) for e in range(4)])
+    assert s["setup"]["pretrain_lr_schedule"] == "over:4+cosine:0.1:0"
 
 
 def test_iterative_pruning_reaches_ratio(tmp_path):

@@ -65,13 +65,13 @@ def test_tuning_table_selects_the_faster_backend(tmp_path, monkeypatch, fast):
 @pytest.mark.parametrize("content", ["{not json", '{"version": 1, "entries": {"k": "gpu9"}}'])
 def test_unusable_tuning_table_gives_the_default_choice(tmp_path, monkeypatch, content):
     """A corrupt table, or one naming no known backend, is ignored: ``select`` makes the choice
-    it makes without a table (triton where it can run, else the reference)."""
+    it makes without a table (gather: an unmeasured Triton kernel is never the default)."""
     from distributed_prune.kernels import dispatch
 
     path = tmp_path / "tuning.json"
     path.write_text(content)
     assert dispatch.load_tuning(path) == {}
-    default = "triton" if dispatch.triton_usable(CPU) else "reference"
+    default = "gather"
     assert _select(monkeypatch, path) == default
     assert _select(monkeypatch, tmp_path / "absent.json") == default
 

@@ -14,17 +14,21 @@ from distributed_prune.kernels import dispatch, reference
 CPU = torch.device("cpu")
 
 
-def test_auto_uses_triton_under_interpreter(monkeypatch):
+def test_auto_rule_without_measurements(monkeypatch):
+    """filter_norms: Triton when it can run; masked_conv2d with no tuning entry: gather when a
+    channel is masked, reference when nothing is - never an unmeasured Triton kernel."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.select("filter_norms", CPU) == "triton"
-    assert dispatch.select("masked_conv2d", CPU) == "triton"
+    assert dispatch.select("masked_conv2d", CPU) == "gather"
+    assert dispatch.select("masked_conv2d", CPU, masked=False) == "reference"
+    assert dispatch.select("masked_conv2d", CPU, gatherable=False) == "reference"
 
 
 def test_auto_falls_back_to_reference_without_gpu_or_interpreter(monkeypatch):
     """No GPU and no interpreter: a Triton launch would fail ("0 active drivers")."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert dispatch.select("filter_norms", CPU) == "reference"
-    assert dispatch.select("masked_conv2d", CPU) == "reference"
+    assert dispatch.select("masked_conv2d", CPU) == "gather"
     w = [torch.randn(4, 3, 3, 3)]
     torch.testing.assert_close(kernels.filter_norms(w, 1), reference.filter_norms(w, 1))
     x, m = torch.randn(1, 3, 5, 5), torch.tensor([1.0, 0.0, 1.0, 1.0])
@@ -75,7 +79,7 @@ def test_tuning_table_picks_backend_per_bucket(tmp_path, monkeypatch):
     table.write_text(json.dumps({"version": 1, "entries": {f"cpu|masked_conv2d|{key}": "reference"}}))
     monkeypatch.setenv("DPRUNE_TUNING_FILE", str(table))
     assert dispatch.select("masked_conv2d", CPU, lambda: key) == "reference"
-    assert dispatch.select("masked_conv2d", CPU, lambda: other) == "triton"   # no data: rule
+    assert dispatch.select("masked_conv2d", CPU, lambda: other) == "gather"   # no data: rule
     # end to end: the measured choice is honoured by masked_conv2d itself
     x, w = torch.randn(x_shape), torch.randn(w_shape)
     mask = (torch.arange(16) % 2).float()

@@ -34,7 +34,8 @@ def test_mask_edits_invalidate_cached_indices(device):
     x = torch.randn(1, 4, 6, 6, device=device)
     with kernels.set_backend("triton"), torch.no_grad():
         m(x)
-        m.out_mask[[1, 5]] = 0                      # in place: version counter changes
+        m.out_mask[[1, 5]] = 0                      # in place, then announced
+        m.refresh_masks()
         torch.testing.assert_close(m(x), _ref(m, x), atol=1e-4, rtol=1e-4)
         m.set_masks(in_mask=torch.tensor([1.0, 0.0, 1.0, 1.0]))
         torch.testing.assert_close(m(x), _ref(m, x), atol=1e-4, rtol=1e-4)
@@ -53,3 +54,27 @@ def test_state_dict_padding_mode_and_repr():
     fresh = MaskedConv2d(3, 5, 3, padding=1, padding_mode="reflect", bias=False)
     fresh.load_state_dict(m.state_dict())
     torch.testing.assert_close(fresh(x), m(x))
+
+
+def test_buffer_broadcast_keeps_cached_indices(monkeypatch):
+    """DDP copies the (identical) mask buffers into place before each forward: that bumps the
+    tensor version but must not recompute the indices (a device sync per layer per step)."""
+    torch.manual_seed(0)
+    m = MaskedConv2d(4, 8, 3, padding=1)
+    m.set_masks(out_mask=(torch.arange(8) % 2).float(), in_mask=torch.tensor([1.0, 0, 1, 1]))
+    x = torch.randn(1, 4, 6, 6)
+    calls = []
+    real = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad(), kernels.set_backend("gather"):
+        m(x)
+        assert len(calls) == 2                          # out and in indices, once
+        for _ in range(3):
+            with torch.no_grad():                       # what DDP's _sync_buffers does
+                m.out_mask.copy_(m.out_mask.clone())
+                m.in_mask.copy_(m.in_mask.clone())
+            torch.testing.assert_close(m(x), _ref(m, x), atol=1e-5, rtol=1e-5)
+        assert len(calls) == 2
+        m.set_masks(out_mask=torch.ones(8))
+        torch.testing.assert_close(m(x), _ref(m, x), atol=1e-5, rtol=1e-5)
+        assert len(calls) == 4

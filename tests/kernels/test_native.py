@@ -60,10 +60,10 @@ def test_opcheck_and_compile(native_ops):
     tensors, masks, conv = _make(CASES["3x3_s2"], torch.float32, True, True)
     x, w, b = (t.detach().clone().requires_grad_() for t in tensors)
     args = (x, w, b, masks[0], masks[1], [2, 2], [1, 1], [1, 1], 1)
-    torch.library.opcheck(torch.ops.dprune.masked_conv2d.default, args)
+    torch.library.opcheck(torch.ops.dprune_mc.masked_conv2d.default, args)
 
     def f(x, w, b):
-        return torch.ops.dprune.masked_conv2d(x, w, b, *args[3:]).square().sum()
+        return torch.ops.dprune_mc.masked_conv2d(x, w, b, *args[3:]).square().sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     loss = compiled(x, w, b)
@@ -75,31 +75,36 @@ def test_opcheck_and_compile(native_ops):
     torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-4)
 
 
-def test_compact_channels(native_ops):
-    ts = [torch.randn(6, 3, 3, 3), torch.randn(6), torch.arange(6),
-          torch.randn(4, 6, 1, 1).to(memory_format=torch.channels_last), torch.randn(2, 6)]
-    dims = [0, 0, 0, 1, -1]
-    index = torch.tensor([0, 2, 5])
+def test_cached_indices_are_used_and_no_nonzero_runs(native_ops, monkeypatch):
+    """Given the active-channel indices, the op computes with them (no nonzero of its own):
+    indices that disagree with the masks change the result accordingly."""
+    tensors, masks, conv = _make(CASES["3x3_s2"], torch.float32, False, True)
+    om, im = masks
+    oi, ii = torch.nonzero(om).view(-1), torch.nonzero(im).view(-1)
     with kernels.set_backend("native"):
-        out = kernels.compact_channels(ts, dims, index)
-    for o, r in zip(out, reference.compact_channels(ts, dims, index)):
-        torch.testing.assert_close(o, r)
-    assert out[3].is_contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.dprune.compact_channels.default, (ts, dims, index))
-
-
-def test_compact_channels_is_reference_when_grad_is_needed(native_ops):
-    w = torch.randn(4, 2, requires_grad=True)
-    out, = kernels.compact_channels([w], [0], torch.tensor([1, 3]))
-    out.sum().backward()
-    assert w.grad[[0, 2]].abs().sum() == 0 and w.grad[[1, 3]].abs().sum() > 0
+        y, grads, go = _run(lambda *a, **k: kernels.dispatch._masked_conv2d(
+            *a, **k, out_index=oi, in_index=ii), tensors, masks, conv)
+    y_ref, grads_ref, _ = _run(reference.masked_conv2d, tensors, masks, conv, go)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+    # a subset of the active filters as index: only those are computed
+    sub = oi[:1]
+    x, w, b = tensors
+    with kernels.set_backend("native"):
+        y_sub = kernels.dispatch._masked_conv2d(x, w, b, om, in_mask=im, out_index=sub,
+                                                in_index=ii, **conv)
+    keep = torch.zeros_like(om)
+    keep[sub] = 1
+    torch.testing.assert_close(y_sub, reference.masked_conv2d(x, w, b, keep, in_mask=im, **conv),
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_masked_conv_and_compact(native_ops, dtype, tol):
-    """cuDNN behind the gather/scatter, and the one-launch CUDA compaction (csrc/*.cu)."""
+def test_cuda_masked_conv(native_ops, dtype, tol):
+    """cuDNN behind the gather/scatter."""
     torch.backends.cudnn.allow_tf32 = False
     try:
         tensors, masks, conv = _make(CASES["3x3_s2"], dtype, True, True)
@@ -113,10 +118,3 @@ def test_cuda_masked_conv_and_compact(native_ops, dtype, tol):
             torch.testing.assert_close(g, g_ref, **tol(dtype))
     finally:
         torch.backends.cudnn.allow_tf32 = True
-    ts = [torch.randn(6, 3, 3, 3, device="cuda", dtype=dtype), torch.arange(6, device="cuda"),
-          torch.randn(4, 6, 1, 1, device="cuda").to(memory_format=torch.channels_last)]
-    index = torch.tensor([5, 0, 2], device="cuda")
-    with kernels.set_backend("native"):
-        out = kernels.compact_channels(ts, [0, 0, 1], index)
-    for o, r in zip(out, reference.compact_channels(ts, [0, 0, 1], index)):
-        torch.testing.assert_close(o, r)

@@ -96,3 +96,29 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
 def test_launcher_local_rank_argument_is_ignored(capsys):
     assert main(["--local_rank=1", "models"]) == 0
     assert "resnet56" in capsys.readouterr().out
+
+
+def test_plan_reports_widths_off_multiples_of_8_and_the_round_to_8_cost(capsys):
+    args = ["plan", "--model", "resnet56", "--ratios", "[0,0.7,0.7,0.7,0]", "--num-classes", "10",
+            "--input-size", "3,32,32"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    odd = {r["layer"]: r["kept"] for r in out["not_multiple_of_8"]}
+    assert odd == {r["layer"]: r["kept"] for r in out["layers"] if r["kept"] % 8 and r["kept"] != r["channels"]}
+    assert odd and all(k % 8 for k in odd.values())         # resnet56 at 0.7 keeps 4 / 9 / 19 channels
+    # the cost: the same plan with round_to=8, counted independently
+    net = models.create("resnet56", num_classes=10)
+    x = torch.zeros(1, 3, 32, 32)
+    from distributed_prune import flops
+
+    p8 = prune.plan(net, "[0,0.7,0.7,0.7,0]", criterion="l1", example_input=x, round_to=8)
+    macs8 = flops.count(prune.apply(net, p8, mode="physical"), x)["macs"]
+    assert out["round_to_8"]["pruned_macs"] == macs8 > out["pruned_macs"]
+    assert out["round_to_8"]["speedup"] == pytest.approx(out["dense_macs"] / macs8)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "not a multiple of 8" in text and f"-> {out['round_to_8']['speedup']:.2f}x" in text
+    # already rounded: nothing to report
+    assert main([*args, "--round-to", "8", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["not_multiple_of_8"] == [] and again["round_to_8"] is None

@@ -24,9 +24,9 @@ LAYERS: list[set[str]] = [
     {"models", "data", "kernels", "flops", "trainability", "checkpoint"},
     {"prune"},
     {"train", "eval"},
-    {"rundir", "run_report", "config", "setups"},
+    {"rundir", "run_report", "config", "setups", "tblog"},
     {"pipeline"},
-    {"report", "sweep", "bench", "quickstart"},
+    {"report", "sweep", "bench", "quickstart", "export"},
     {"cli", "__main__"},
 ]
 

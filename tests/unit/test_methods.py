@@ -11,7 +11,7 @@ from distributed_prune.prune import importance
 from distributed_prune.prune.methods import METHODS, Phase, method, targets
 from distributed_prune.prune.regularize import TPP, GReg
 
-REG = dict(granularity=1e-4, ceiling=1.0, update_interval=5, stabilize_interval=10, lw_opp=1000.0)
+REG = dict(granularity=1e-4, ceiling=1.0, update_interval=5, stabilize_interval=400, lw_opp=1000.0)
 
 
 def test_table_covers_exactly_the_configurable_methods():
@@ -45,5 +45,8 @@ def test_each_row(name):
         # the targets are the plan's pruned filters of the first conv, with its BatchNorm
         tg = reg.targets
         assert [(t.layer_name, t.pruned, t.bn_name) for t in tg] == [("0", plan.pruned(plan.groups[0]), "1")]
+    elif m.phase is Phase.MASKED:
+        # the masked phases (prune/masked.py) train with masks before the cut; no regularizer
+        assert name in ("gradual", "soft") and reg is None and m.trains_before_cut
     else:
         assert m.phase is Phase.ONE_SHOT and reg is None and not m.trains_before_cut

@@ -86,3 +86,39 @@ def test_unknown_names():
     with pytest.raises(UserError, match="activation"):
         reinit("orthp", nn.Linear(2, 2), activation="swish-ish")
     assert {"none", "orthp", "scratch"} <= set(REINITS)
+
+
+def test_scratch_uses_the_constructors_init_on_the_pruned_architecture():
+    from distributed_prune import models, prune
+
+    torch.manual_seed(0)
+    dense = models.create("resnet20", num_classes=10)
+    example = torch.randn(2, 3, 16, 16)
+    plan = prune.plan(dense, "0.5", criterion="l1", example_input=example)
+    pruned = prune.apply(dense, plan, mode="physical")
+    old = {k: v.clone() for k, v in pruned.state_dict().items()}
+
+    def fresh():
+        return prune.replay(models.create("resnet20", num_classes=10), plan)
+
+    torch.manual_seed(7)
+    got = reinit("scratch", pruned, fresh=fresh)
+    torch.manual_seed(7)
+    ref = prune.replay(models.create("resnet20", num_classes=10), plan)
+    assert got is not pruned
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, msg=k)
+    assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in old.items())  # input untouched
+    # the constructor's Kaiming-normal (fan_out, relu) convs, not PyTorch's default init
+    # (kaiming_uniform with a=sqrt(5): std 1/sqrt(3 fan_in)): pooled z-scores over all convs
+    z, n = [], 0
+    for name, m in got.named_modules():
+        if isinstance(m, nn.Conv2d) and m.weight.shape[-1] == 3:
+            dense_out = dict(models.create("resnet20").named_modules())[name].weight.shape[0]
+            std = math.sqrt(2.0 / (dense_out * 9))
+            z.append((m.weight.detach().double() / std).flatten())
+    z = torch.cat(z)
+    assert abs(float(z.std()) - 1.0) < 0.05 and abs(float(z.mean())) < 0.05
+    bad = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="does not match"):
+        reinit("scratch", bad, fresh=lambda: nn.Sequential(nn.Linear(3, 5)))

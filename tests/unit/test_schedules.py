@@ -132,3 +132,51 @@ def test_epoch_iter_lr_driver_respects_lr_scale_and_resumes():
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.01)
     with pytest.raises(UserError, match="does not match"):
         EpochIterLR(opt2, "0:0.1", 4, 3).load_state_dict(state)
+
+
+def test_pxfy_cosine_anneals_over_the_whole_run():
+    from distributed_prune import config as config_mod
+
+    total, x, n = 40, 10, 7
+    cfg = config_mod.Config(pxfy={"total_epochs": total, "prune_at": x,
+                                  "lr_schedule": "cosine:0.1:0"})
+    (pe, ps), (re, rs) = cfg.effective_pretrain(), cfg.effective_retrain()
+    assert (pe, re) == (x, total - x) and ps == "over:40+cosine:0.1:0"
+    pre, post = parse_schedule(ps), parse_schedule(rs)
+    import math
+    def ref(e, it):  # the cosine formula over all T epochs, per iteration
+        t = (e + it / n) / total
+        return 0.1 * (1 + math.cos(math.pi * t)) / 2
+    for e in range(pe):  # the stage passes its own length as total_epochs
+        for it in (0, 3):
+            assert pre.lr_at(e, it, n, pe) == pytest.approx(ref(e, it), abs=1e-12)
+    for e in range(re):
+        for it in (0, 5):
+            assert post.lr_at(e, it, n, re) == pytest.approx(ref(x + e, it), abs=1e-12)
+    # a step dictionary needs no wrapping; `over` round-trips through its text
+    assert parse_schedule("0:0.1,30:0.01").over(90).text == "0:0.1,30:0.01"
+    assert parse_schedule(ps) == ps and parse_schedule(ps).first_stage_epochs(x) == x
+
+
+@pytest.mark.parametrize("text, factor, expected", [
+    ("0:0.1,30:0.01,60:0.001,75:0.0001", 321 / 90, "0:0.1,107:0.01,214:0.001,268:0.0001"),
+    ("0:0.1,100:0.01,150:0.001", 1.6, "0:0.1,160:0.01,240:0.001"),
+    ("cosine:0.1:0", 2.5, "cosine:0.1:0"),
+    ("warmup:5+0:0.1,30:0.01", 2.0, "warmup:10+0:0.1,60:0.01"),
+    ("over:40+cosine:0.1:0", 1.5, "over:60+cosine:0.1:0"),
+])
+def test_stretch_scales_epoch_positions(text, factor, expected):
+    s = parse_schedule(text).stretch(factor)
+    assert s.text == expected
+    base = parse_schedule(text)
+    if text[0].isdigit():  # dictionaries: each LR holds for f times as many epochs (+-1)
+        total = 200
+        for lr in set(base.table.values()):
+            n0 = sum(base.lr_at(e) == lr for e in range(total))
+            n1 = sum(s.lr_at(e) == lr for e in range(round(total * factor)))
+            assert abs(n1 - n0 * factor) <= 1, (lr, n0, n1)
+    if text.startswith("over"):  # position t of the run has the same LR, stretched or not
+        for e in (0, 10, 30):
+            assert s.lr_at(int(e * factor), total_epochs=1) == pytest.approx(base.lr_at(e, total_epochs=1))
+    with pytest.raises(ValueError, match="factor"):
+        parse_schedule(text).stretch(0)

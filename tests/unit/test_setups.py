@@ -135,3 +135,25 @@ def test_scratch_budgets():
     assert scratch_budgets(200, 90, 2, prune_epochs=30)["scratch_b"] == 550
     with pytest.raises(UserError):
         scratch_budgets(200, 120, 0)
+
+
+def test_scratch_recipe_uses_k1_and_stretches_the_schedule():
+    from distributed_prune.setups import scratch_recipe
+
+    # ResNet56: base trained 200 epochs, retrain 120 at 0:0.01,60:0.001,90:0.0001
+    e, s = scratch_recipe("E", base_epochs=200, retrain_epochs=120,
+                          retrain_schedule="0:0.01,60:0.001,90:0.0001", speedup=2.0)
+    assert e == 320 and s == "0:0.01,160:0.001,240:0.0001"
+    # ResNet34 P30F90 at 0.9: K1 = 30, speedup 7.7: 321 epochs, milestones scaled by 321/90
+    e, s = scratch_recipe("B", base_epochs=30, retrain_epochs=90, speedup=7.7,
+                          retrain_schedule="0:0.1,30:0.01,60:0.001,75:0.0001")
+    assert e == pytest.approx(30 * 7.7 + 90)
+    f = e / 90
+    assert s == f"0:0.1,{round(30 * f)}:0.01,{round(60 * f)}:0.001,{round(75 * f)}:0.0001"
+    e, s = scratch_recipe("B", base_epochs=10, retrain_epochs=10, speedup=2.5,
+                          retrain_schedule="cosine:0.1:0")
+    assert e == 35 and s == "cosine:0.1:0"
+    with pytest.raises(UserError, match="pretrain.base_epochs"):
+        scratch_recipe("E", base_epochs=None, retrain_epochs=120, retrain_schedule="0.1", speedup=2)
+    with pytest.raises(UserError, match="retrain.epochs"):
+        scratch_recipe("B", base_epochs=5, retrain_epochs=0, retrain_schedule="0.1", speedup=2)

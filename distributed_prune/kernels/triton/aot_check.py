@@ -4,14 +4,20 @@
 
 The interpreter (used by the CPU tests) accepts code the real compiler rejects; this lowers each
 kernel variant (dtype, layout, grouped or tl.dot path) through Triton's compiler to PTX with the
-launch configurations used on GPU, and reports whether the dot path uses tensor cores.  Exit
-status 1 if any variant fails.  Needs no driver; must run with TRITON_INTERPRET unset or 0.
+launch configurations used on GPU, assembles the PTX with the ptxas that ships with Triton and
+reports, per variant, registers per thread, spill stores/loads (bytes) and whether the dot path
+uses tensor cores.  Exit status 1 if any variant fails.  Needs no driver; must run with
+TRITON_INTERPRET unset or 0.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 
 def _variants(quick: bool):
@@ -27,30 +33,61 @@ def _variants(quick: bool):
                         row_tid_ptr="*i32", row_off_ptr="*i64", row_len_ptr="*i32",
                         out_ptr="*fp32"),
                    dict(MODE=mode, BLOCK_R=16, BLOCK_C=256), 4, 2)
-        base = dict(KH=3, KW=3, DOT_FP32=False, PRECISION="tf32")
+        base = dict(KH=3, KW=3, DOT_FP32=False, PRECISION="tf32", IDX64=False)
+        torch_dt = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dt]
+        import torch
+        # a ResNet-50 3x3 layer (64 -> 64 channels, 56x56, batch 32) at half the filters kept
+        P, M, KC = 32 * 56 * 56, 32, 64
         for grouped in (False, True):
-            conf = mc._Conf(grouped)
+            conf = mc._Conf(grouped, getattr(torch, torch_dt))
             conf.interp = False                       # GPU block sizes
-            layouts = (True,) if quick else (False, True)
-            for cl in layouts:
-                blocks, warps, stages = conf.fwd(10_000, 64, 576)
-                yield (f"fwd {dt} grouped={grouped} cl={cl}", mc._fwd_kernel,
-                       dict(x_ptr=p, w_ptr=p, b_ptr=p, out_idx_ptr="*i32", in_idx_ptr="*i32",
-                            y_ptr=p),
-                       dict(base, CL=cl, HAS_IN_IDX=not grouped, HAS_BIAS=True,
-                            GROUPED=grouped, **blocks), warps, stages)
-                blocks, warps, stages = conf.wgrad(10_000, 64, 576)
-                yield (f"wgrad {dt} grouped={grouped} cl={cl}", mc._wgrad_kernel,
-                       dict(x_ptr=p, g_ptr=p, out_idx_ptr="*i32", in_idx_ptr="*i32",
-                            dw_ptr="*fp32"),
-                       dict(base, CL=cl, HAS_IN_IDX=not grouped, GROUPED=grouped, **blocks),
-                       warps, stages)
-                blocks, warps, stages = conf.dgrad(10_000, 64, 576)
-                yield (f"dgrad {dt} grouped={grouped} cl={cl}", mc._dgrad_kernel,
-                       dict(g_ptr=p, w_ptr=p, out_idx_ptr="*i32", in_idx_ptr="*i32",
-                            act_ptr="*i8", dx_ptr=p),
-                       dict(base, CL=cl and not grouped, HAS_IN_IDX=not grouped,
-                            GROUPED=grouped, **blocks), warps, stages)
+            blocks, warps, stages = conf.fwd(P, M, KC)
+            yield (f"fwd {dt} grouped={grouped}", mc._fwd_kernel,
+                   dict(x_ptr=p, w_ptr=p, b_ptr=p, out_idx_ptr="*i32", in_idx_ptr="*i32",
+                        y_ptr=p),
+                   dict(base, HAS_IN_IDX=not grouped, HAS_BIAS=True, GROUPED=grouped, **blocks),
+                   warps, stages)
+            blocks, warps, stages = conf.wgrad(P, M, KC)
+            yield (f"wgrad {dt} grouped={grouped}", mc._wgrad_kernel,
+                   dict(x_ptr=p, g_ptr=p, out_idx_ptr="*i32", in_idx_ptr="*i32", dw_ptr="*fp32"),
+                   dict(base, HAS_IN_IDX=not grouped, GROUPED=grouped, **blocks), warps, stages)
+            blocks, warps, stages = conf.dgrad(P, KC, M)
+            yield (f"dgrad {dt} grouped={grouped}", mc._dgrad_kernel,
+                   dict(g_ptr=p, w_ptr=p, out_idx_ptr="*i32", in_idx_ptr="*i32",
+                        act_ptr="*i8", dx_ptr=p),
+                   dict(base, HAS_IN_IDX=not grouped, GROUPED=grouped, **blocks), warps, stages)
+
+
+def _ptxas() -> str | None:
+    import triton
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(p) if p.is_file() else None
+
+
+def _resources(ptx: str, arch: int) -> str:
+    """'regs=N spill_st=B spill_ld=B' from ``ptxas -v`` (empty if no ptxas ships with Triton)."""
+    ptxas = _ptxas()
+    if ptxas is None:
+        return "regs=? (no ptxas)"
+    m = re.search(r"\.target\s+(sm_\w+)", ptx)
+    sm = m.group(1) if m else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([ptxas, f"-arch={sm}", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    st = re.search(r"(\d+) bytes spill stores", text)
+    ld = re.search(r"(\d+) bytes spill loads", text)
+    if regs is None:
+        return f"regs=? ({text.strip()[:200]})"
+    return (f"regs={regs.group(1)} spill_st={st.group(1) if st else 0}B "
+            f"spill_ld={ld.group(1) if ld else 0}B")
+
+
+def consts_text(consts: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("B"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                       options=dict(num_warps=warps, num_stages=stages))
             ptx = compiled.asm.get("ptx", "")
             tc = "mma" in ptx
-            print(f"ok    {label:<36} shared={compiled.metadata.shared:>6}B tensor_cores={tc}")
+            print(f"ok    {label:<28} shared={compiled.metadata.shared:>6}B tensor_cores={tc} "
+                  f"{_resources(ptx, args.arch)}  {consts_text(consts)}", flush=True)
         except Exception as e:  # report every variant, fail at the end
             failed += 1
             print(f"FAIL  {label}: {type(e).__name__}: {str(e)[:800]}")
