@@ -267,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-KNOWN_BACKENDS = ("reference", "triton", "native")
+KNOWN_BACKENDS = ("reference", "gather", "triton", "native")  # those _available_backends knows
 
 
 def _bad_arguments(args) -> str | None:
