@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from .cmdline import ArgumentParser, parse_input_size, run
+from .cmdline import ArgumentParser, check_at_least, parse_input_size, run
 from .errors import UserError
 
 
@@ -31,13 +31,20 @@ def cmd_plan(args) -> int:
 
     from . import flops, models, prune
 
+    check_at_least("--num-classes", args.num_classes)
+    check_at_least("--round-to", args.round_to)
     if args.new_head and not args.weights:
         raise UserError("--new-head needs --weights")
     if args.num_classes is None and not args.weights:
         args.num_classes = 1000
 
-    net = models.create(args.model, num_classes=args.num_classes, weights=args.weights, new_head=args.new_head)
     x = torch.zeros(1, *parse_input_size(args.input_size))
+    try:
+        net = models.create(args.model, num_classes=args.num_classes, weights=args.weights,
+                            new_head=args.new_head)
+    except (RuntimeError, OverflowError, TypeError) as e:  # e.g. a classifier too large to allocate
+        raise UserError(f"--model {args.model} --num-classes {args.num_classes}: the model cannot be "
+                        f"built ({str(e).splitlines()[0][:200]})") from None
     try:
         dense = flops.count(net, x)
     except RuntimeError as e:

@@ -7,8 +7,10 @@ on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
@@ -22,6 +24,32 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+MAX_INPUT_ELEMENTS = 1 << 27  # one sample of 512 MiB in fp32: far beyond any real input
+MAX_SIDE = 16384  # pixels of a WIDTHxHEIGHT image; larger is a typo, not a benchmark
+
+
+def check_at_least(option: str, value, least: int = 1) -> None:
+    """``--option`` must be an integer >= ``least`` (argparse only checks that it is an integer)."""
+    if value is not None and value < least:
+        raise UserError(f"{option}: must be >= {least}, got {value}")
+
+
+def check_output_file(option: str, path) -> None:
+    """``--out FILE``-like options: a file name whose nearest existing ancestor is a directory.
+    Checked before any work or write, so a long command never ends unable to save (and a bad
+    second path never leaves the first file behind)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not str(path).strip() or "\0" in str(path) or p.is_dir():
+        raise UserError(f"{option} {str(path)!r}: expected a file name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is not a directory")
+            break
+
+
 def parse_input_size(text: str) -> tuple[int, ...]:
     """``--input-size 3,32,32`` -> ``(3, 32, 32)``."""
     try:
@@ -30,6 +58,9 @@ def parse_input_size(text: str) -> tuple[int, ...]:
         raise UserError(f"--input-size: expected comma-separated integers like 3,32,32, got {text!r}") from None
     if not dims or any(d <= 0 for d in dims):
         raise UserError(f"--input-size: dimensions must be positive, got {text!r}")
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise UserError(f"--input-size {text}: {math.prod(dims)} values per sample, more than "
+                        f"{MAX_INPUT_ELEMENTS} (a typo?)")
     return dims
 
 
@@ -39,6 +70,8 @@ def parse_image_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
+        raise argparse.ArgumentTypeError(f"width and height must lie in 1..{MAX_SIDE}, got {text!r}")
     return w, h
 
 

@@ -1,16 +1,23 @@
 """One typed config: YAML file + dotted ``key=value`` overrides, validated by pydantic.
 
-Unknown keys, wrong types and bad values (ratio spec, LR schedule, model name) are a
-:class:`UserError` naming the dotted key; nothing is created before the config validates.
+Unknown keys, wrong types and bad values (ratio spec, LR schedule, model name, NaN/inf, a
+``model.kwargs`` argument the model factory does not take) are a :class:`UserError` naming the
+dotted key; nothing is created before the config validates. Config files must be UTF-8 YAML
+with no repeated key; aliases may expand a document to at most :data:`MAX_EXPANDED_NODES`
+values (a few nested anchors could otherwise stand for billions). Errors name file and line.
 The resolved config is saved as ``config.yaml`` in every run directory.
 
 Over 400 lines on purpose: every section of the config is declared here, with its defaults and
 validators, so that one file answers "which keys exist and what do they accept".
 
     dprune config show configs/debug_cpu.yaml retrain.epochs=3 prune.ratios="[0,0.5,0.5,0.5,0]"
+
+Over 400 lines on purpose: every section of the schema with its validators, the one place a
+user reads to learn what a key accepts (the YAML loader itself lives in yamlfile.py).
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -19,10 +26,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .yamlfile import (MAX_CONFIG_BYTES, MAX_EXPANDED_NODES, StrictYAMLError, dump_yaml,  # noqa: F401 (re-exported)
+                       read_yaml_file, yaml_load)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float of the config means a finite number (".nan" / ".inf" in
+    # YAML would otherwise pass validation and surface epochs later as a NaN loss).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_schedule(v):
@@ -34,7 +45,40 @@ def _check_schedule(v):
 def _check_ratios(v):
     from .prune.ratios import parse
 
+    bad = _non_finite(v, "prune.ratios")
+    if bad:  # a YAML list with .nan / .inf: say so (the parser would only say it cannot read it)
+        raise ValueError(f"{bad}: must be a finite number")
     return parse(v).text
+
+
+def _check_path(v, key: str, empty_ok: bool = True):
+    if v is None and empty_ok:
+        return v
+    if not empty_ok and (v is None or isinstance(v, str) and not v.strip()):
+        raise ValueError(f"must not be empty (it would put the run into the current directory); "
+                         f"give a directory like {key}=runs/my_run")
+    if not isinstance(v, str):
+        raise ValueError(f"expected a path (a string), got {v!r}")
+    if "\0" in v:
+        raise ValueError("a path cannot contain a NUL character")
+    return v
+
+
+def _non_finite(value, key: str):
+    """The dotted key of the first NaN/inf float inside ``value`` (nested dicts/lists), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{key}.{k}")
+        if bad:
+            return bad
+    return None
+
+
+# Seeds are added to (seed + epoch, seed + 7919 * rank, ...) before they reach torch and numpy
+# generators, which take 64-bit integers; 32 bits leaves room for every offset.
+MAX_SEED = 2**32 - 1
 
 
 class OutputCfg(_Section):
@@ -45,10 +89,15 @@ class OutputCfg(_Section):
     # rank 0; needs the tensorboard extra (pip install 'distributed_prune[tensorboard]')
     tensorboard: bool = False
 
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _dir(cls, v):
+        return _check_path(v, "output.dir", empty_ok=False)
+
 
 class ModelCfg(_Section):
     name: str = "resnet56"
-    num_classes: Optional[int] = None        # default: from the dataset
+    num_classes: Optional[int] = Field(None, ge=1)  # default: from the dataset
     kwargs: dict = {}                         # extra factory arguments (e.g. in_features)
     activation: Literal["relu", "linear"] = "relu"  # gain used by OrthP
     # torchvision's pretrained weights by name (IMAGENET1K_V1, DEFAULT, ...), from the torch.hub
@@ -69,6 +118,18 @@ class ModelCfg(_Section):
         return v
 
     @model_validator(mode="after")
+    def _kwargs(self):
+        # checked here, against the factory's signature, so a typo is refused before any run
+        # directory exists (and before every point of a sweep starts)
+        from .models import check_kwargs
+
+        bad = _non_finite(self.kwargs, "model.kwargs")
+        if bad:
+            raise ValueError(f"{bad}: must be a finite number")
+        check_kwargs(self.name, self.kwargs)
+        return self
+
+    @model_validator(mode="after")
     def _weights(self):
         if self.weights is not None:
             from .models.pretrained import resolve
@@ -87,7 +148,7 @@ class DataCfg(_Section):
     format: Literal["torchvision", "ffcv"] = "torchvision"
     train_path: Optional[str] = None
     val_path: Optional[str] = None
-    input_size: Optional[int] = None
+    input_size: Optional[int] = Field(None, ge=1)
     flatten: Optional[bool] = None            # default: True for MLPs
     batch_size: int = Field(128, ge=1)        # per optimizer step, global (split over ranks)
     val_batch_size: int = Field(256, ge=1)
@@ -97,17 +158,22 @@ class DataCfg(_Section):
     # FFCV options
     ffcv_pipeline: Optional[Literal["imagenet", "cifar", "digits"]] = None
     os_cache: Optional[bool] = None
-    res_start: Optional[int] = None           # progressive resizing (FFCV)
-    res_end: Optional[int] = None
-    res_start_epoch: int = 0
-    res_end_epoch: int = 0
+    res_start: Optional[int] = Field(None, ge=1)   # progressive resizing (FFCV)
+    res_end: Optional[int] = Field(None, ge=1)
+    res_start_epoch: int = Field(0, ge=0)
+    res_end_epoch: int = Field(0, ge=0)
+
+    @field_validator("train_path", "val_path", mode="before")
+    @classmethod
+    def _paths(cls, v, info):
+        return _check_path(v, f"data.{info.field_name}")
 
 
 class StageCfg(_Section):
     epochs: int = Field(0, ge=0)
     lr_schedule: str = "0:0.1"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -120,6 +186,17 @@ class PretrainCfg(StageCfg):
     # K1 for Scratch-E/B: the epochs that trained the checkpoint's base model, when the checkpoint
     # does not record them (bases written by `dprune run` do; torchvision weight files do not)
     base_epochs: Optional[float] = Field(None, ge=0)
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _ckpt(cls, v):
+        _check_path(v, "pretrain.checkpoint")
+        if v is not None:
+            try:  # "{seed}" is filled in per run (one base per seed); no other placeholder is
+                v.format(seed=0)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"only {{seed}} may appear in braces ({type(e).__name__}: {e})") from None
+        return v
 
 
 class RetrainCfg(StageCfg):
@@ -236,6 +313,11 @@ class DistCfg(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     sync_bn: bool = False
     deepspeed_config: Optional[str] = None
+
+    @field_validator("deepspeed_config", mode="before")
+    @classmethod
+    def _ds(cls, v):
+        return _check_path(v, "dist.deepspeed_config")
     bucket_cap_mb: int = Field(25, ge=1)
     # "auto": on unless train.compile or train.grad_accum > 1 (see train.engine.resolve_static_graph)
     static_graph: Union[bool, Literal["auto"]] = "auto"
@@ -249,7 +331,7 @@ class TrainabilityCfg(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     name: Optional[str] = None                # label used by reports (default: method + schedule)
     resume: Union[bool, Literal["auto"]] = "auto"
     output: OutputCfg = OutputCfg()
@@ -318,73 +400,85 @@ class Config(_Section):
         return self.retrain.epochs, self.retrain.lr_schedule
 
 
-# --- YAML without YAML 1.1's sexagesimal numbers ("0:0.1" must stay a string) -------------
-class _Loader(yaml.SafeLoader):
-    pass
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf)$|^\.(?:nan|NaN)$"),
-    list("-+0123456789."))
-
-
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
-def _set(d: dict, dotted: str, value):
+def _set(d: dict, dotted: str, value, what: str = "config"):
     keys = dotted.split(".")
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         nxt = d.setdefault(k, {})
         if not isinstance(nxt, dict):
-            raise UserError(f"config: {'.'.join(keys[:keys.index(k) + 1])} is not a section")
+            raise UserError(f"{what}: {'.'.join(keys[:i + 1])} is not a section (it holds {nxt!r})")
         d = nxt
     d[keys[-1]] = value
 
 
+def _prefixed(msg: str) -> str:
+    return msg if msg.startswith("config") else f"config: {msg}"
+
+
 def _one_line(e: ValidationError) -> str:
     err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "config"
+    key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"config: unknown key {key!r}"
-    msg = err["msg"].removeprefix("Value error, ").removeprefix(f"{key}: ")
+    msg = err["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections (its message names the keys)
+        return _prefixed(msg)
+    msg = msg.removeprefix(f"{key}: ")
     named = re.match(r"[a-z_]+(\.[a-z_]+)+\b", msg)
     if named and (key == "config" or named.group(0).startswith(key + ".")):
         return f"config: {msg}"  # a section-level check whose message names its own key(s)
+    if msg.startswith(f"{key}."):  # the validator named a key inside this one (prune.ratios.1)
+        return f"config: {msg}"
     inp = err.get("input")
-    shown = f" (got {inp!r})" if not isinstance(inp, dict) and inp is not None and len(repr(inp)) < 80 else ""
+    shown = (f" (got {inp!r})" if not isinstance(inp, dict) and inp is not None and len(repr(inp)) < 80
+             and repr(inp) not in msg else "")
     return f"config: {key}: {msg}{shown}"
+
+
+def parse_override(ov: str) -> tuple[str, object]:
+    """``key=value`` -> (dotted key, YAML value; the raw text when it is not YAML, None when empty)."""
+    key, eq, raw = ov.partition("=")
+    key = key.strip()
+    if not eq:
+        raise UserError(f"override {ov!r}: expected key=value")
+    if not _KEY.fullmatch(key):
+        raise UserError(f"override {ov!r}: expected a dotted config key before '=' like retrain.epochs=3"
+                        + (" (the key is empty)" if not key else ""))
+    if raw == "":
+        return key, None
+    try:
+        return key, yaml_load(raw)
+    except StrictYAMLError as e:  # duplicate keys or an alias bomb inside the value
+        raise UserError(f"override {key}: {e.problem}") from None
+    except yaml.YAMLError:  # not YAML: the text itself (e.g. "a: b" stays a string)
+        return key, raw
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The YAML mapping of config file ``path`` (unvalidated); bad files are one UserError."""
+    data = read_yaml_file(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: top level must be a mapping of config keys, "
+                        f"got a {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set every ``key=value`` of ``overrides`` in the nested dict ``data`` (in place); returns it."""
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set(data, key, value, what=f"override {ov!r}")
+    return data
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load YAML ``path`` (or defaults), apply ``key=value`` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p}: not found")
-        try:
-            data = yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {p}: top level must be a mapping")
-    for ov in overrides:
-        if "=" not in ov:
-            raise UserError(f"override {ov!r}: expected key=value")
-        key, raw = ov.split("=", 1)
-        try:
-            value = yaml_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        _set(data, key.strip(), value)
-    return from_dict(data)
+    data = read_config_file(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides))
 
 
 def from_dict(data: dict) -> Config:
@@ -392,8 +486,8 @@ def from_dict(data: dict) -> Config:
         return Config.model_validate(data)
     except ValidationError as e:
         raise UserError(_one_line(e)) from None
-    except UserError as e:  # raised inside a validator (ratio or schedule parser)
-        raise UserError(f"config: {e}") from None
+    except UserError as e:  # raised outside pydantic's wrapping (it turns ValueErrors into the above)
+        raise UserError(_prefixed(str(e))) from None
 
 
 def to_dict(cfg: Config) -> dict:
@@ -401,7 +495,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return dump_yaml(to_dict(cfg))
 
 
 def cli_show(args) -> int:

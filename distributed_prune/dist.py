@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -71,11 +72,27 @@ def detect() -> Context:
     return Context(rank, world, local, local_world, launcher=launcher)
 
 
+def require_engine(engine: str) -> None:
+    """:class:`UserError` when ``engine`` needs a package that is not installed. Looked up
+    without importing it (importing DeepSpeed takes seconds and may initialise CUDA)."""
+    if engine != "deepspeed":
+        return
+    try:
+        found = importlib.util.find_spec("deepspeed") is not None
+    except (ImportError, ValueError):  # a broken install or a stub module without a spec
+        found = False
+    if not found:
+        raise UserError("dist.engine=deepspeed: DeepSpeed is not installed; install it with "
+                        "`pip install deepspeed` (or this project's extra: `pip install "
+                        "'distributed_prune[deepspeed]'`), or use dist.engine=ddp")
+
+
 def init(device: str = "auto", backend: str = "auto", engine: str | None = None) -> Context:
     """Set up the process group (if launched with several processes) and the device.
 
-    ``engine`` is accepted and not used: every engine trains on the torch.distributed group made
-    here (DeepSpeed adopts it when its engine is built)."""
+    ``engine`` is only checked to be installed (:func:`require_engine`): every engine trains on
+    the torch.distributed group made here (DeepSpeed adopts it when its engine is built)."""
+    require_engine(engine)  # first: nothing may be written for a run that cannot start
     ctx = detect()
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if device == "cuda" and not torch.cuda.is_available():

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import rundir, setups
+from .cmdline import check_output_file
 from .errors import UserError
 from .run_report import atomic_write, figure, md_table, save_figure, write_run_report  # noqa: F401
 
@@ -64,6 +65,16 @@ def _run_dirs(d: Path) -> list[Path]:
     return subs
 
 
+_SECTIONS = ("dense", "pruned", "final", "setup")  # summary.json keys whose values are objects
+
+
+def _check_shape(summary: dict, path: Path) -> None:
+    """The sections a report reads must be JSON objects (a hand-edited or foreign file)."""
+    for key in _SECTIONS:
+        if summary.get(key) is not None and not isinstance(summary[key], dict):
+            raise UserError(f"{path}: {key!r} must be a JSON object, got {type(summary[key]).__name__}")
+
+
 def load_runs(dirs: Iterable[str | os.PathLike]) -> list[dict]:
     """summary.json of each run directory, plus ``dir`` and ``metrics`` (metrics.jsonl rows).
 
@@ -74,6 +85,7 @@ def load_runs(dirs: Iterable[str | os.PathLike]) -> list[dict]:
     for d in dirs:
         for rd in _run_dirs(Path(d)):
             summary = _read_json(rd / "summary.json")
+            _check_shape(summary, rd / "summary.json")
             if not rundir.summary_is_complete(summary):
                 log.warning("skipping incomplete run %s (status %s)", rd, summary.get("status"))
                 continue
@@ -354,6 +366,8 @@ def cli_report(args) -> int:
     ``reason``, ``fair``, ``rows``, ``paper_table``, ``scratch_budgets``, ``cross_validation``,
     ``details``); ``--out`` writes the markdown atomically, ``--plot`` a PNG of accuracy vs speedup.
     """
+    check_output_file("--out", getattr(args, "out", None))
+    check_output_file("--plot", getattr(args, "plot", None))
     runs = load_runs(args.runs)
     if not runs:
         raise UserError(f"no complete runs in {' '.join(map(str, args.runs))}")

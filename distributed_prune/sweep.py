@@ -24,20 +24,23 @@ lines are written to ``<out>/runs.txt`` (one shell-quoted line per run).  Launch
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
 from pathlib import Path
 
-from . import fileio, rundir
+from . import config as config_mod, dist, fileio, rundir
 from .errors import UserError
 
 __all__ = ["expand", "run_name", "split_values", "cli_sweep"]
 
 _OPEN, _CLOSE = "[({", "])}"
+MAX_RUNS = 10_000
 
 
 def split_values(text: str, sep: str) -> list[str]:
@@ -84,6 +87,8 @@ def expand(grid: list[str], seeds: int = 1) -> list[dict[str, str]]:
     """
     if seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {seeds}")
+    if seeds > MAX_RUNS:
+        raise UserError(f"--seeds {seeds}: a sweep has at most {MAX_RUNS} runs")
     axes: dict[str, list[str]] = {}
     for entry in grid:
         key, vals = _parse_grid_entry(entry)
@@ -95,6 +100,9 @@ def expand(grid: list[str], seeds: int = 1) -> list[dict[str, str]]:
             raise UserError("give seeds either as --seeds N or as --grid seed=..., not both")
     else:
         axes["seed"] = [str(s) for s in range(seeds)]
+    n = math.prod(len(v) for v in axes.values())
+    if n > MAX_RUNS:  # counted before the list is built: a typo must not fill the memory
+        raise UserError(f"the grid has {n} runs; a sweep has at most {MAX_RUNS}")
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
@@ -148,19 +156,35 @@ srun torchrun --standalone --nproc_per_node {nproc} -m distributed_prune run {co
 """
 
 
+def _validate(config: Path, runs, launcher: str) -> None:
+    """Every run's config, validated before anything is written or started: a bad value in the
+    last grid point must not surface hours into the sweep. The YAML file is read once."""
+    base = config_mod.read_config_file(config)
+    engines = set()
+    for i, (name, _, line) in enumerate(runs, 1):
+        try:
+            cfg = config_mod.from_dict(config_mod.apply_overrides(copy.deepcopy(base), line))
+        except UserError as e:
+            raise UserError(f"sweep run {i}/{len(runs)} ({name}): {e}") from None
+        engines.add(cfg.dist.engine)
+    if launcher == "local":  # the other launchers write scripts for another machine
+        for engine in sorted(engines):
+            dist.require_engine(engine)
+
+
 def cli_sweep(args) -> int:
     """``dprune sweep CONFIG --grid key=v1,v2 [--seeds N] [--launcher local|torchrun|slurm]
     [--out DIR] [--nproc N] [key=value ...]`` (see the module docstring)."""
     config = Path(args.config)
-    if not config.is_file():
-        raise UserError(f"config file not found: {config}")
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    if not str(args.out).strip() or "\0" in str(args.out):
+        raise UserError(f"--out {args.out!r}: expected a directory for the sweep's runs")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a directory")
     fixed = list(args.overrides or [])
     for ov in fixed:
-        key = ov.partition("=")[0].strip()
-        if "=" not in ov or not key:
-            raise UserError(f"override {ov!r}: expected key=value")
+        key, _ = config_mod.parse_override(ov)
         if key in ("output.dir", "seed"):
             raise UserError(f"override {key}: set by the sweep (use --out / --seeds)")
     grid_runs = expand(list(args.grid or []), args.seeds)
@@ -175,8 +199,12 @@ def cli_sweep(args) -> int:
                      fixed + [f"{k}={v}" for k, v in ov.items()] + [f"output.dir={out / name}"]))
     if len({n for n, _, _ in runs}) != len(runs):  # hash collision: never silently share a dir
         raise UserError("two runs of the sweep got the same name; change the grid")
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / "runs.txt", "".join(shlex.join(line) + "\n" for _, _, line in runs))
+    _validate(config, runs, args.launcher)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "runs.txt", "".join(shlex.join(line) + "\n" for _, _, line in runs))
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write the sweep there ({e.strerror or e})") from None
     done = [_is_complete(d) for _, d, _ in runs]
     print(f"sweep: {len(runs)} runs ({sum(done)} complete) -> {out}/runs.txt")
 

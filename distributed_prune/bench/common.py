@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .. import dtypes, flops, models
-from ..cmdline import parse_input_size
+from ..cmdline import check_output_file, parse_input_size
 from ..errors import UserError
 from ..train.engine import build_engine
 from ..train.loop import train_epoch
@@ -42,8 +42,21 @@ def add_common_arguments(p) -> None:
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
 
 
+def check_seed_and_out(args) -> None:
+    """``--seed`` within what torch's generators take (with room for offsets); ``--out`` a file
+    name that can be written. Checked up front: a benchmark must not run for minutes and then
+    fail to save its result."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed: must lie in 0..{MAX_SEED}, got {args.seed}")
+    check_output_file("--out", args.out)
+
+
+MAX_SEED = 2**32 - 1
+
+
 def base_settings(args) -> dict:
     """Settings every model benchmark resolves the same way (device-dependent defaults)."""
+    check_seed_and_out(args)
     device = device_and_threads(args)
     gpu = device.type == "cuda"
     d = defaults(args.model, device)

@@ -267,8 +267,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+KNOWN_BACKENDS = ("reference", "gather", "triton", "native")  # those _available_backends knows
+
+
+def _bad_arguments(args) -> str | None:
+    """What is wrong with the options (checked before any timing), or None."""
+    for opt in ("batch", "reps", "max_layers", "threads"):
+        v = getattr(args, opt)
+        if v is not None and v < 1:
+            return f"--{opt.replace('_', '-')} must be >= 1, got {v}"
+    unknown = [b.strip() for b in args.backends.split(",") if b.strip() and b.strip() not in KNOWN_BACKENDS]
+    if unknown:
+        return f"--backends: unknown backend {unknown[0]!r} (choose from {', '.join(KNOWN_BACKENDS)})"
+    if args.out is not None and (args.out.is_dir() or not str(args.out).strip()):
+        return f"--out {args.out}: expected a file name for the JSON results"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    bad = _bad_arguments(args)
+    if bad:
+        print(f"dprune bench kernels: {bad}", file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("dprune bench kernels: --device cuda but no CUDA device is available",

@@ -271,10 +271,23 @@ def main(argv=None) -> int:
     from distributed_prune.data.ffcv import require_ffcv
     from distributed_prune.errors import UserError
 
+    for opt in ("num_images", "workers", "batch"):
+        if getattr(args, opt) < 1:
+            raise UserError(f"--{opt.replace('_', '-')}: must be >= 1, got {getattr(args, opt)}")
+    if args.epochs < 2:  # round 0 is warm-up: at least one timed round
+        raise UserError(f"--epochs: must be >= 2 (the first is warm-up), got {args.epochs}")
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--ranks: expected comma-separated rank counts like 1,2, got {args.ranks!r}") from None
+    if any(r < 1 for r in ranks):
+        raise UserError(f"--ranks: rank counts must be >= 1, got {args.ranks!r}")
+    out = Path(args.out)
+    if not str(args.out).strip() or out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out {args.out!r}: expected a file in an existing directory")
     require_ffcv()
     if args.num_images < args.batch * 2:
         raise UserError(f"--num-images must be at least 2 x --batch ({2 * args.batch})")
-    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     load_start = os.getloadavg()  # other jobs on the machine skew every rate
     with tempfile.TemporaryDirectory(prefix="dprune_bench_loader_") as tmp:
         tmp = Path(tmp)

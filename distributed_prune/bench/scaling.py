@@ -81,6 +81,7 @@ def _settings(args) -> dict:
          "warmup": common.given(args.warmup, 3), "threads": args.threads, "seed": args.seed}
     common.check_positive(batch=s["batch"], steps=s["steps"], reps=s["reps"], warmup=s["warmup"],
                           threads=s["threads"], num_classes=s["num_classes"])
+    common.check_seed_and_out(args)
     if args.world_size < 2:
         raise UserError(f"--world-size: must be >= 2 for a scaling measurement, got {args.world_size}")
     if gpu and args.world_size > torch.cuda.device_count():

@@ -330,6 +330,27 @@ def write_beton(dataset_name: str, *, split: str = "train", root=None, out, mode
 
 # ----------------------------------------------------------------------------- CLI
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad option values before any source is opened or file written (one UserError each)."""
+    out = str(args.out)
+    if not out.strip() or "\0" in out:
+        raise UserError(f"--out {args.out!r}: expected a .beton file name")
+    if Path(out).is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name like {Path(out) / 'train.beton'}")
+    if not Path(out).parent.is_dir():
+        raise UserError(f"--out {out}: directory {Path(out).parent} does not exist")
+    for opt, value in (("--num-samples", args.num_samples), ("--max-resolution", args.max_resolution),
+                       ("--num-workers", args.num_workers)):
+        if value is not None and value < 1:
+            raise UserError(f"{opt}: must be >= 1, got {value}")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise UserError(f"--jpeg-quality: must lie in 1..100, got {args.jpeg_quality}")
+    if not 0.0 <= args.compress_probability <= 1.0:  # also refuses nan
+        raise UserError(f"--compress-probability: must lie in [0, 1], got {args.compress_probability}")
+    if not 0 <= args.seed <= 2**32 - 1:
+        raise UserError(f"--seed: must lie in 0..{2**32 - 1}, got {args.seed}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dprune data write-beton``."""
     parser.add_argument("--dataset", required=True, choices=SOURCES)
@@ -354,6 +375,7 @@ def main(args: argparse.Namespace) -> int:
     """Run ``dprune data write-beton``; prints the summary. UserError propagates (exit 2)."""
     import json
 
+    check_arguments(args)
     summary = write_beton(args.dataset, split=args.split, root=args.root, out=args.out,
                           mode=args.mode, max_resolution=args.max_resolution,
                           jpeg_quality=args.jpeg_quality,

@@ -42,6 +42,29 @@ def list_models(include_torchvision: bool = True) -> list[str]:
     return sorted(names)
 
 
+def check_kwargs(name: str, kwargs: dict) -> None:
+    """Raise :class:`UserError` (naming ``model.kwargs``) when model ``name``'s factory does not
+    take one of ``kwargs``, or when they set ``num_classes`` (``model.num_classes`` does).
+
+    The project's own factories are checked against their signatures. torchvision builders take
+    ``**kwargs`` and hand them to the model class, so those are checked when the model is built
+    (:func:`create` turns the TypeError into the same kind of one-line error)."""
+    if "num_classes" in kwargs:
+        raise UserError("model.kwargs: num_classes is set by model.num_classes (or the dataset), not here")
+    fn = MODELS.get(name)
+    if fn is None:
+        return
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in takes:
+            others = ", ".join(t for t in takes if t != "num_classes") or "none"
+            raise UserError(f"model.kwargs: model {name!r} takes no argument {key!r} (it takes: {others})")
+
+
 def create(name: str, num_classes: int | None = None, *, weights: str | None = None,
            new_head: bool = False, **kwargs) -> nn.Module:
     """Build model ``name`` with ``num_classes`` outputs (default 10; with ``weights``, the
@@ -58,6 +81,7 @@ def create(name: str, num_classes: int | None = None, *, weights: str | None = N
         return create_pretrained(name, weights, num_classes=num_classes, new_head=new_head, **kwargs)
     num_classes = 10 if num_classes is None else num_classes
     if name in MODELS:
+        check_kwargs(name, kwargs)
         return MODELS[name](num_classes=num_classes, **kwargs)
     from .tv import build_torchvision, torchvision_classifiers
 

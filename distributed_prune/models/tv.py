@@ -17,4 +17,4 @@ def build_torchvision(name, num_classes=1000, **kwargs):
     try:
         return tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     except TypeError as e:
-        raise UserError(f"model.name: torchvision model {name!r} rejected its arguments: {e}") from None
+        raise UserError(f"model.kwargs: torchvision model {name!r} rejected its arguments: {e}") from None

@@ -19,7 +19,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / "distributed_prune"
 #: Bottom to top. A module may import its own layer and the layers below it, never one above.
 #: A module's layer is that of its top-level name (``prune.plan`` is in ``prune``'s layer).
 LAYERS: list[set[str]] = [
-    {"errors", "registry", "dtypes", "cmdline", "fileio"},
+    {"errors", "registry", "dtypes", "cmdline", "fileio", "yamlfile"},
     {"dist"},
     {"models", "data", "kernels", "flops", "trainability", "checkpoint"},
     {"prune"},

@@ -53,3 +53,20 @@ def test_unknown_model_is_user_error():
 def test_registry_rejects_duplicates():
     with pytest.raises(ValueError):
         models.register("resnet56")(lambda num_classes=10: None)
+
+
+def test_check_kwargs_follows_the_factory_signature():
+    models.check_kwargs("mlp_7_linear", {"width": 50, "in_features": 32})  # both taken
+    net = models.create("mlp_7_linear", num_classes=10, width=50)
+    assert net.features[1].out_features == 50
+    with pytest.raises(UserError, match=r"model\.kwargs: model 'vgg_tiny' takes no argument 'width'"):
+        models.check_kwargs("vgg_tiny", {"width": 2})
+    with pytest.raises(UserError, match="num_classes"):
+        models.check_kwargs("resnet20", {"num_classes": 3})
+    # create() refuses the same way instead of a TypeError from the factory call
+    with pytest.raises(UserError, match="'foo'"):
+        models.create("lenet5", foo=1)
+    # torchvision builders take **kwargs: refused when built, still as a UserError naming model.kwargs
+    models.check_kwargs("resnet18", {"foo": 1})
+    with pytest.raises(UserError, match=r"model\.kwargs"):
+        models.create("resnet18", foo=1)

@@ -121,3 +121,35 @@ def test_bad_input_via_cli(tmp_path, capsys):
         cli_sweep(_args(tmp_path, "torchrun", overrides=["output.dir=x"]))
     with pytest.raises(UserError, match="grid key"):
         cli_sweep(_args(tmp_path, "torchrun", overrides=[f"prune.ratios={R3}"]))
+
+
+def test_every_point_validated_before_the_first_starts(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("distributed_prune.pipeline")
+    fake.run_from_cli = lambda config, overrides: calls.append(overrides) or 0
+    monkeypatch.setitem(sys.modules, "distributed_prune.pipeline", fake)
+    args = _args(tmp_path, "local", seeds=1, grid=["retrain.momentum=0.9,0.5,.nan"])
+    with pytest.raises(UserError, match=r"sweep run 3/3 .*retrain\.momentum.*finite"):
+        cli_sweep(args)
+    assert calls == [] and not (tmp_path / "sweep").exists()
+    # the same grid without the bad value runs every point
+    assert cli_sweep(_args(tmp_path, "local", seeds=1, grid=["retrain.momentum=0.9,0.5"])) == 0
+    assert len(calls) == 2
+
+
+def test_grid_size_counted_before_expanding():
+    with pytest.raises(UserError, match="at most"):
+        expand(["a=" + ",".join(map(str, range(200))), "b=" + ",".join(map(str, range(200)))], 1)
+    with pytest.raises(UserError, match="--seeds"):
+        expand([], 10**9)
+    assert len(expand(["a=" + ",".join(map(str, range(100)))], 100)) == 10_000
+
+
+def test_deepspeed_missing_refused_only_for_local_runs(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # find_spec answers None: "not installed"
+    args = _args(tmp_path, "local", seeds=1, overrides=["dist.engine=deepspeed"])
+    with pytest.raises(UserError, match="pip install deepspeed"):
+        cli_sweep(args)
+    assert not (tmp_path / "sweep").exists()
+    # torchrun / slurm scripts run elsewhere: written even where DeepSpeed is missing
+    assert cli_sweep(_args(tmp_path, "torchrun", seeds=1, overrides=["dist.engine=deepspeed"])) == 0
