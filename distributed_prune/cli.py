@@ -6,7 +6,7 @@
     dprune report RUN_DIR... [--out FILE] [--json]
     dprune sweep CONFIG --grid key=v1,v2 [--seeds N] [--launcher local|torchrun|slurm]
     dprune config show CONFIG [key=value ...]
-    dprune bench {kernels,train,loader,speedup} ...
+    dprune bench {kernels,train,loader,speedup,plan} ...
     dprune data write-beton --dataset NAME --out FILE
     dprune models
 
@@ -37,8 +37,6 @@ def parse_input_size(text: str) -> tuple[int, ...]:
 
 
 def cmd_plan(args) -> int:
-    import copy
-
     import torch
 
     from . import flops, models, prune
@@ -51,7 +49,7 @@ def cmd_plan(args) -> int:
         raise UserError(f"--input-size {args.input_size}: the model cannot run on it ({str(e).splitlines()[0]})") from None
     p = prune.plan(net, args.ratios, criterion=args.criterion, example_input=x,
                    round_to=args.round_to, skip=args.skip or ())
-    small = prune.apply(copy.deepcopy(net), p, mode="physical")
+    small = prune.apply(net, p, mode="physical")  # the planned object: its graph is reused
     pruned = flops.count(small, x)
     rows = p.table()
     out = {"model": args.model, "ratios": args.ratios, "criterion": args.criterion,
@@ -59,7 +57,7 @@ def cmd_plan(args) -> int:
            "dense_params": dense["params"], "pruned_params": pruned["params"],
            "speedup": dense["macs"] / max(pruned["macs"], 1),
            "params_reduction": 1 - pruned["params"] / dense["params"],
-           "layers": rows, "layer_ratios": p.layer_ratios}
+           "layers": rows, "layer_ratios": p.layer_ratios, "skipped": p.skipped}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -70,12 +68,18 @@ def cmd_plan(args) -> int:
     for name, ratio in p.layer_ratios.items():
         r = by_root.get(name)
         if r:
-            print(f"{name:40s} {r['ratio']:6.3f} {r['channels']:9d} {r['kept']:6d}")
+            note = (f"  rounded from {r['asked_kept']} (whole positions of a grouped conv)"
+                    if r["kept"] != r["asked_kept"] else "")
+            print(f"{name:40s} {r['ratio']:6.3f} {r['channels']:9d} {r['kept']:6d}{note}")
+        elif name in p.skipped:
+            print(f"{name:40s} {ratio:6.3f} {'':>9s} {'skip':>6s}  {p.skipped[name]}")
         else:
             print(f"{name:40s} {ratio:6.3f} {'':>9s} {'coupled' if name in coupled else '-':>6s}")
     print(f"MACs   {dense['macs'] / 1e6:12.2f} M -> {pruned['macs'] / 1e6:12.2f} M   speedup {out['speedup']:.2f}x")
     print(f"params {dense['params'] / 1e6:12.3f} M -> {pruned['params'] / 1e6:12.3f} M   "
           f"({100 * out['params_reduction']:.2f}% fewer)")
+    if p.skipped:
+        print(f"skipped {len(p.skipped)} layer(s) the default rule cannot prune (marked 'skip')")
     return 0
 
 
@@ -108,7 +112,9 @@ def _passthrough(module: str):
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_data: bool = True) -> argparse.ArgumentParser:
+    """The ``dprune`` parser; ``with_data=False`` leaves out the ``data`` subcommands' options
+    (importing them imports torch, which ``dprune --help`` and argument errors do not need)."""
     p = _Parser(prog="dprune", description="Fair, fast, large-scale filter pruning.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -172,14 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="datasets")
     dsub = s.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
     w = dsub.add_parser("write-beton", help="write an FFCV .beton file")
-    from .data.beton import add_arguments as beton_arguments
+    if with_data:  # its option lists live in data.beton, which imports torch: only when used
+        from .data.beton import add_arguments as beton_arguments
 
-    beton_arguments(w)
+        beton_arguments(w)
     w.set_defaults(func=_lazy("data.beton", "main"))
     return p
 
 
-BENCHES = ("kernels", "train", "loader", "speedup")
+BENCHES = ("kernels", "train", "loader", "speedup", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
 
             return int(importlib.import_module(f"distributed_prune.bench.{argv[1]}").main(argv[2:]) or 0)
-        args, extra = build_parser().parse_known_args(argv)
+        args, extra = build_parser(with_data=bool(argv) and argv[0] == "data").parse_known_args(argv)
         # key=value overrides may also follow options (dprune sweep CFG --grid a=1,2 b=3)
         if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides) + extra

@@ -20,13 +20,16 @@ from unittest import mock
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping as _tp_index_mapping
+from torch_pruning.dependency.dependency import Dependency as _Dependency
 
 from ..errors import UserError
 from .ratios import PRUNABLE_TYPES
 
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
+_MAX_WALK = 20000  # distinct (node, operation, channels) states of one group walk
 
 
 class _Refuse(tp.pruner.function.BasePruningFunc):
@@ -55,6 +58,12 @@ def _refused_types():
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+
+def _no_index_mapping_update():
+    """The library re-derives every concat / split / reshape channel map of the whole graph on
+    each build and group query; :class:`Graph` does it once, node by node."""
+    return mock.patch.object(_tp_index_mapping, "update_index_mapping", lambda graph: None)
 
 
 @dataclass
@@ -112,13 +121,11 @@ class Graph:
         was_training = model.training
         model.eval()
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            # the index mappings are updated below, node by node (see _update_index_mappings)
+            with contextlib.redirect_stdout(io.StringIO()), _no_index_mapping_update():
                 self.dg = tp.DependencyGraph().build_dependency(
                     model, example_inputs=example_input,
                     customized_pruners={t: _Refuse() for t in refused}, verbose=False)
-                # offsets of concat / split / reshape depend on the architecture only: once here,
-                # not once per group query as get_pruning_group would (densenet: 0.1 s each)
-                _tp_index_mapping.update_index_mapping(self.dg)
         except UserError:
             raise
         except RuntimeError as e:  # shape mismatch: wrong model for this plan / input size
@@ -133,7 +140,31 @@ class Graph:
             model.train(was_training)
         self.refused = refused
         self.order = order
+        self.unmapped = self._update_index_mappings()
         self._full: dict[str, list[Member]] = {}
+
+    def _update_index_mappings(self) -> dict:
+        """The library's channel maps through concat / split / reshape nodes, once per graph (not
+        once per group query as ``get_pruning_group`` would: densenet201, 0.1 s each). A node the
+        library cannot map (e.g. a channel shuffle's 5-D view) is recorded, and a group reaching
+        it is refused instead of the whole model failing."""
+        m = _tp_index_mapping
+        updates = {tp.ops.OPTYPE.CONCAT: m.update_concat_index_mapping,
+                   tp.ops.OPTYPE.SPLIT: m.update_split_index_mapping,
+                   tp.ops.OPTYPE.RESHAPE: m.update_reshape_index_mapping,
+                   tp.ops.OPTYPE.UNBIND: m.update_unbind_index_mapping,
+                   tp.ops.OPTYPE.EXPAND: m.update_expand_index_mapping,
+                   tp.ops.OPTYPE.SLICE: m.update_slice_index_mapping}
+        failed = {}
+        for node in list(self.dg.module2node.values()):
+            fn = updates.get(node.type)
+            if fn is None:
+                continue
+            try:
+                fn(self.dg, node)
+            except Exception as e:  # noqa: BLE001 - recorded, refused per group
+                failed[node] = _first_line(e)
+        return failed
 
     def output_layer(self) -> str:
         """Name of the layer that produces the logits: the last conv/linear layer to run."""
@@ -154,19 +185,100 @@ class Graph:
             return tp.prune_conv_out_channels
         raise UserError(f"plan: root layer {self.names.get(m, m)!r} is not a conv or linear layer")
 
-    def group(self, root: str, idxs: list[int]):
+    def walk(self, root: str, idxs: list[int]) -> list[tuple]:
+        """(library dependency, [(member channel, root channel), ...]) for every tensor
+        dimension coupled to output channels ``idxs`` of ``root``, merged per (module, operation).
+
+        The same walk as the library's ``get_pruning_group`` over the same graph, with two
+        differences: it stops, naming the layer, at a node whose channel map could not be
+        derived (the library would walk on with a wrong map, for minutes on shufflenet), and it
+        remembers visited (node, operation, channels) in a set instead of rescanning the group."""
         m = self.module(root)
         if m not in self.dg.module2node:
             raise UserError(f"plan: layer {root!r} is not reached by the forward pass")
         fn = self._root_fn(m)
+        if isinstance(m, tp.ops.TORCH_CONV) and m.groups == m.out_channels > 1:
+            fn = tp.pruner.function.prune_depthwise_conv_out_channels
+        node = self.dg.module2node[m]
+        self._prescan(root, node, fn)
+        start = (_Dependency(fn, fn, source=node, target=node),
+                 [_HybridIndex(idx=i, root_idx=i) for i in idxs])
+        items, stack = [start], [start]
+        seen = {(node, fn, tuple(start[1]))}
         try:
-            with mock.patch.object(_tp_index_mapping, "update_index_mapping", lambda graph: None):
-                return self.dg.get_pruning_group(m, fn, idxs=list(idxs))
+            while stack:
+                dep, ids = stack.pop()
+                for nd in dep.target.dependencies:
+                    if not nd.is_triggered_by(dep.handler):
+                        continue
+                    new = ids
+                    for mapping in nd.index_mapping:
+                        if mapping is not None:
+                            new = mapping(new)
+                    if not new:
+                        continue
+                    key = (nd.target, nd.handler, tuple(new))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    if len(seen) > _MAX_WALK:
+                        raise UserError(f"plan: layer {root!r}: its coupled channels do not "
+                                        f"settle (over {_MAX_WALK} channel maps followed)")
+                    items.append((nd, new))
+                    stack.append((nd, new))
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - the library's failure, named by layer
             raise UserError(f"plan: layer {root!r}: torch-pruning cannot follow its coupled "
                             f"channels ({_first_line(e)})") from None
+        merged: dict = {}
+        for dep, ids in items:
+            k = (dep.target, dep.handler)
+            if k not in merged:
+                merged[k] = (dep, {})
+            for h in ids:
+                merged[k][1].setdefault(int(h.idx), h.root_idx)
+        return [(dep, list(pairs.items())) for dep, pairs in merged.values()]
+
+    def _refusal(self, root: str, node) -> str | None:
+        """Why a group reaching ``node`` cannot be pruned (a message naming it), or None."""
+        mod = node.module
+        if node in self.unmapped:
+            return (f"plan: layer {root!r} reaches a {node.type.name.lower()} the channel "
+                    f"dependencies cannot be followed through ({self.unmapped[node]})")
+        if not isinstance(mod, nn.Module) or node.type == tp.ops.OPTYPE.PARAMETER:
+            return (f"plan: layer {root!r} is coupled to a bare parameter; "
+                    "this model's channels cannot be pruned there")
+        name = self.names.get(mod)
+        if type(mod) in self.refused:
+            return (f"plan: pruning {root!r} reaches {name!r} ({self.refused[type(mod)]}), whose "
+                    "channels cannot be pruned; prune block-inner convs instead (e.g. '*layer*.conv1')")
+        if (name is not None and any(True for _ in mod.parameters(recurse=False))
+                and not isinstance(mod, PRUNABLE_TYPES + _NORMS)):
+            # e.g. LayerNorm over the channels: cutting it renormalises over fewer channels,
+            # which no masked (zeroed) model computes, so the cut could not be checked
+            return (f"plan: pruning {root!r} reaches {name!r} ({type(mod).__name__}), "
+                    "whose channels cannot be pruned exactly")
+        return None
+
+    def _prescan(self, root: str, node, fn) -> None:
+        """Refuse before the channel-level walk when the group can reach a node we refuse,
+        following operations only (no channel indices). Cheap, and it keeps the walk from
+        exploding on graphs the library maps badly (channel shuffle; swin's window reshapes).
+        It may over-approximate: a map that would leave no channel is not evaluated here."""
+        seen, stack = {(node, fn)}, [(node, fn)]
+        while stack:
+            n, f = stack.pop()
+            for nd in n.dependencies:
+                if not nd.is_triggered_by(f):
+                    continue
+                why = self._refusal(root, nd.target)
+                if why is not None:
+                    raise UserError(why)
+                k = (nd.target, nd.handler)
+                if k not in seen:
+                    seen.add(k)
+                    stack.append(k)
 
     def members(self, root: str, idxs: list[int] | None = None) -> list[Member]:
         """Every (module, dim) coupled to the output channels ``idxs`` (default: all) of ``root``;
@@ -188,30 +300,20 @@ class Graph:
 
     def _compute(self, root: str) -> list[Member]:
         m = self.module(root)
-        group = self.group(root, list(range(_out_channels(m))))
         out = []
-        for item in group:
-            dep, ids = item.dep, item.idxs
+        for dep, pairs in self.walk(root, list(range(_out_channels(m)))):
+            why = self._refusal(root, dep.target)
+            if why is not None:
+                raise UserError(why)
             mod = dep.target.module
-            if not isinstance(mod, nn.Module) or dep.target.type == tp.ops.OPTYPE.PARAMETER:
-                raise UserError(f"plan: layer {root!r} is coupled to a bare parameter; "
-                                "this model's channels cannot be pruned there")
             name = self.names.get(mod)
-            if type(mod) in self.refused:
-                raise UserError(f"plan: pruning {root!r} reaches {name!r} "
-                                f"({self.refused[type(mod)]}), whose channels cannot be pruned; "
-                                "prune block-inner convs instead (e.g. '*layer*.conv1')")
             if name is None:  # a functional op (add, relu, cat, view): carries no parameters
                 continue
-            if (any(True for _ in mod.parameters(recurse=False))
-                    and not isinstance(mod, PRUNABLE_TYPES + _NORMS)):
-                # e.g. LayerNorm over the channels: cutting it renormalises over fewer channels,
-                # which no masked (zeroed) model computes, so the cut could not be checked
-                raise UserError(f"plan: pruning {root!r} reaches {name!r} ({type(mod).__name__}), "
-                                "whose channels cannot be pruned exactly")
             dim = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
-            root_ids = [int(i) for i in getattr(item, "root_idxs", ids)]
-            out.append(Member(name, mod, dim, [int(i) for i in ids], root_ids, dep))
+            if any(r is None for _, r in pairs):
+                raise UserError(f"plan: layer {root!r}: the channels of {name!r} cannot be traced "
+                                "back to it one to one")
+            out.append(Member(name, mod, dim, [i for i, _ in pairs], [int(r) for _, r in pairs], dep))
         return out
 
     def coupled_outputs(self, root: str) -> set[str]:
