@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
     if "zoo" not in (config.getoption("markexpr") or ""):
         skip_zoo = pytest.mark.skip(reason="zoo: run with -m zoo")
         for item in items:
-            if "zoo" in item.keywords:
+            if item.get_closest_marker("zoo") is not None:
                 item.add_marker(skip_zoo)
     if torch.cuda.is_available():
         return

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping as _tp_index_mapping
+from torch_pruning.dependency.index_mapping import _ConcatIndexMapping
 from torch_pruning.dependency.dependency import Dependency as _Dependency
 
 from ..errors import UserError
@@ -123,8 +124,10 @@ class Graph:
         try:
             # the index mappings are updated below, node by node (see _update_index_mappings)
             with contextlib.redirect_stdout(io.StringIO()), _no_index_mapping_update():
+                # a tuple: given a bare tensor, the library first tries model(*tensor), which runs
+                # most of a conv net on the unbatched sample before failing (a wasted forward)
                 self.dg = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_input,
+                    model, example_inputs=(example_input,),
                     customized_pruners={t: _Refuse() for t in refused}, verbose=False)
         except UserError:
             raise
@@ -142,6 +145,7 @@ class Graph:
         self.order = order
         self.unmapped = self._update_index_mappings()
         self._full: dict[str, list[Member]] = {}
+        self._fine: set = set()  # nodes no group is refused for
 
     def _update_index_mappings(self) -> dict:
         """The library's channel maps through concat / split / reshape nodes, once per graph (not
@@ -200,10 +204,17 @@ class Graph:
         if isinstance(m, tp.ops.TORCH_CONV) and m.groups == m.out_channels > 1:
             fn = tp.pruner.function.prune_depthwise_conv_out_channels
         node = self.dg.module2node[m]
-        self._prescan(root, node, fn)
-        start = (_Dependency(fn, fn, source=node, target=node),
-                 [_HybridIndex(idx=i, root_idx=i) for i in idxs])
+        reached, mapped = self._prescan(root, node, fn)
+        root_dep = _Dependency(fn, fn, source=node, target=node)
+        if not mapped:
+            # no concat / split / reshape on the way: every member moves channel for channel
+            # with the root (the channel-level walk would find exactly this, more slowly)
+            pairs = [(int(i), int(i)) for i in idxs]
+            return [(root_dep, pairs)] + [(dep, pairs) for k, dep in reached.items()
+                                          if dep is not None and k != (node, fn)]
+        start = (root_dep, [_HybridIndex(idx=i, root_idx=i) for i in idxs])
         items, stack = [start], [start]
+        bounds: dict = {}  # id(channel list) -> (min, max) channel, for _map
         seen = {(node, fn, tuple(start[1]))}
         try:
             while stack:
@@ -214,7 +225,7 @@ class Graph:
                     new = ids
                     for mapping in nd.index_mapping:
                         if mapping is not None:
-                            new = mapping(new)
+                            new = _map(mapping, new, bounds)
                     if not new:
                         continue
                     key = (nd.target, nd.handler, tuple(new))
@@ -242,6 +253,14 @@ class Graph:
 
     def _refusal(self, root: str, node) -> str | None:
         """Why a group reaching ``node`` cannot be pruned (a message naming it), or None."""
+        if node in self._fine:
+            return None
+        why = self._why(root, node)
+        if why is None:
+            self._fine.add(node)
+        return why
+
+    def _why(self, root: str, node) -> str | None:
         mod = node.module
         if node in self.unmapped:
             return (f"plan: layer {root!r} reaches a {node.type.name.lower()} the channel "
@@ -261,12 +280,32 @@ class Graph:
                     "whose channels cannot be pruned exactly")
         return None
 
-    def _prescan(self, root: str, node, fn) -> None:
+    def coupled_out_layers(self, root: str) -> set[str]:
+        """Conv/linear layers whose output channels move with ``root``'s, found by following
+        operations only (no channel indices: cheap; exact where no concat or split sits on the
+        way, an over-approximation where one does). Raises UserError like :meth:`members`."""
+        m = self.module(root)
+        if m not in self.dg.module2node:
+            raise UserError(f"plan: layer {root!r} is not reached by the forward pass")
+        fn = self._root_fn(m)
+        node = self.dg.module2node[m]
+        out = {root}
+        for target, handler in self._prescan(root, node, fn)[0]:
+            mod = target.module
+            if isinstance(mod, PRUNABLE_TYPES) and self.dg.is_out_channel_pruning_fn(handler):
+                out.add(self.names[mod])
+        return out
+
+    def _prescan(self, root: str, node, fn) -> tuple[dict, bool]:
         """Refuse before the channel-level walk when the group can reach a node we refuse,
         following operations only (no channel indices). Cheap, and it keeps the walk from
         exploding on graphs the library maps badly (channel shuffle; swin's window reshapes).
-        It may over-approximate: a map that would leave no channel is not evaluated here."""
-        seen, stack = {(node, fn)}, [(node, fn)]
+        It may over-approximate: a map that would leave no channel is not evaluated here.
+        Returns {(node, operation): dependency} reached and whether any channel map
+        (concat, split, reshape, ...) lies on the way."""
+        seen = {(node, fn): None}
+        stack = [(node, fn)]
+        mapped = False
         while stack:
             n, f = stack.pop()
             for nd in n.dependencies:
@@ -277,8 +316,10 @@ class Graph:
                     raise UserError(why)
                 k = (nd.target, nd.handler)
                 if k not in seen:
-                    seen.add(k)
+                    mapped = mapped or any(mp is not None for mp in nd.index_mapping)  # short-circuits
+                    seen[k] = nd
                     stack.append(k)
+        return seen, mapped
 
     def members(self, root: str, idxs: list[int] | None = None) -> list[Member]:
         """Every (module, dim) coupled to the output channels ``idxs`` (default: all) of ``root``;
@@ -301,7 +342,9 @@ class Graph:
     def _compute(self, root: str) -> list[Member]:
         m = self.module(root)
         out = []
-        for dep, pairs in self.walk(root, list(range(_out_channels(m)))):
+        walked = self.walk(root, list(range(_out_channels(m))))
+        mapped = any(p is not walked[0][1] for _, p in walked)  # channel maps changed a list
+        for dep, pairs in walked:
             why = self._refusal(root, dep.target)
             if why is not None:
                 raise UserError(why)
@@ -310,7 +353,7 @@ class Graph:
             if name is None:  # a functional op (add, relu, cat, view): carries no parameters
                 continue
             dim = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
-            if any(r is None for _, r in pairs):
+            if mapped and any(r is None for _, r in pairs):
                 raise UserError(f"plan: layer {root!r}: the channels of {name!r} cannot be traced "
                                 "back to it one to one")
             out.append(Member(name, mod, dim, [i for i, _ in pairs], [int(r) for _, r in pairs], dep))
@@ -320,6 +363,20 @@ class Graph:
         """Names of conv/linear layers whose output channels move with ``root``'s."""
         return {mb.name for mb in self.members(root)
                 if mb.dim == "out" and isinstance(mb.module, PRUNABLE_TYPES)}
+
+
+def _map(mapping, ids: list, bounds: dict) -> list:
+    """``mapping(ids)``, except that a concat's reverse map (from the concatenation back to one
+    of its inputs) is skipped when no channel falls in that input's range: on densenet most of
+    them, and building the empty answer index by index was most of the planning time."""
+    if isinstance(mapping, _ConcatIndexMapping) and mapping.reverse:
+        b = bounds.get(id(ids))
+        if b is None:
+            vals = [h.idx for h in ids]
+            b = bounds[id(ids)] = (min(vals), max(vals), ids)  # keeps ids alive: ids stay unique
+        if b[1] < mapping.offset[0] or b[0] >= mapping.offset[1]:
+            return []
+    return mapping(ids)
 
 
 def position_classes(root: str, members: list[Member], n: int) -> list[list[int]] | None:

@@ -107,22 +107,19 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
     default_rule = parse_ratios(ratios).kind == "uniform"
     refused: dict[str, str] = {}
 
-    def members_or_none(n):
-        try:
-            return graph.members(n)
-        except UserError as e:  # e.g. reaches a refused module: not a default pruning target
-            refused[n] = str(e)
-            return None
-
     class _Uncoupled:
-        """Block-inner convs, decided only for the layers the ratio rule asks about."""
+        """Block-inner convs, decided only for the layers the ratio rule asks about, from the
+        operations their channels reach (the channel-level groups are computed only for the
+        layers that get a ratio > 0)."""
 
         def __contains__(self, n):
             if n == out_layer:
                 return False
-            ms = members_or_none(n)
-            return ms is not None and {m.name for m in ms if m.dim == "out"
-                                       and isinstance(m.module, PRUNABLE_TYPES)} == {n}
+            try:
+                return graph.coupled_out_layers(n) == {n}
+            except UserError as e:  # e.g. reaches a refused module: not a default pruning target
+                refused[n] = str(e)
+                return False
 
     table = resolve(model, ratios, uncoupled=_Uncoupled(), output_layer=out_layer, skip=tuple(skip))
     skipped = {n: _reason(msg) for n, msg in refused.items()} if default_rule else {}

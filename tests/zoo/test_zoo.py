@@ -78,7 +78,7 @@ def test_default_rule_skips_and_explicit_spec_refuses():
     net = models.create("convnext_tiny", num_classes=10).eval()
     x = torch.zeros(1, 3, 32, 32)
     p = prune.plan(net, "0.5", example_input=x)
-    assert "features.1.0.block.0" in p.skipped and "bare parameter" in p.skipped["features.1.0.block.0"]
+    assert "cannot be pruned" in p.skipped["features.1.0.block.0"]  # layer_scale / LayerNorm2d
     assert p.layer_ratios["features.1.0.block.0"] == 0.0
     assert prune.Plan.from_json(p.to_json()) == p
     with pytest.raises(UserError, match=r"'features\.1\.0\.block\.0'"):
