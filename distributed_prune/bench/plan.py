@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--tp", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch-pruning's build + cut (--no-tp: dprune only; densenet201's "
+                        "group-by-group library cut takes minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
@@ -88,34 +91,44 @@ def _shapes(model):
     return [tuple(p.shape) for p in model.parameters()]
 
 
-def bench_model(name: str, ratios: str, input_size, num_classes: int, reps: int, seed: int) -> dict:
+def bench_model(name: str, ratios: str, input_size, num_classes: int, reps: int, seed: int,
+                with_tp: bool = True) -> dict:
     from .. import models
 
     x = torch.zeros(1, *input_size)
-    ours, theirs, plan_s, cut_s, build_s, tcut_s = [], [], [], [], [], []
+    ours, theirs, plan_s, cut_s, build_s, tcut_s = [], [], [], [], [], []  # seconds per rep
     same = True
     groups = 0
     for _ in range(reps):
         torch.manual_seed(seed)
         a = models.create(name, num_classes=num_classes).eval()
-        torch.manual_seed(seed)
-        b = models.create(name, num_classes=num_classes).eval()
         plan, tp_, tc = _ours(a, ratios, x)
-        bb, bc = _torch_pruning(b, plan, x)
+        bb = bc = float("nan")
+        if with_tp:
+            torch.manual_seed(seed)
+            b = models.create(name, num_classes=num_classes).eval()
+            bb, bc = _torch_pruning(b, plan, x)
+            same = same and _shapes(a) == _shapes(b)
+            del b
         ours.append(tp_ + tc)
         plan_s.append(tp_)
         cut_s.append(tc)
         theirs.append(bb + bc)
         build_s.append(bb)
         tcut_s.append(bc)
-        same = same and _shapes(a) == _shapes(b)
         groups = sum(1 for g in plan.groups if len(g.keep) < g.n)
-        del a, b
+        del a
     med = statistics.median
     return {"model": name, "ratios": ratios, "input_size": list(input_size), "groups": groups,
             "dprune_s": med(ours), "dprune_plan_s": med(plan_s), "dprune_cut_s": med(cut_s),
-            "tp_s": med(theirs), "tp_build_s": med(build_s), "tp_cut_s": med(tcut_s),
-            "ratio": med(ours) / med(theirs), "same_shapes": same}
+            "tp_s": med(theirs) if with_tp else None, "tp_build_s": med(build_s) if with_tp else None,
+            "tp_cut_s": med(tcut_s) if with_tp else None,
+            "ratio": med(ours) / med(theirs) if with_tp else None,
+            "same_shapes": same if with_tp else None}
+
+
+def _s(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def main(argv=None) -> int:
@@ -129,15 +142,16 @@ def main(argv=None) -> int:
 
     names = args.model or list(DEFAULT_RATIOS)
     rows = [bench_model(n, args.ratios or DEFAULT_RATIOS.get(n, "0.5"), size, args.num_classes,
-                        args.reps, args.seed) for n in names]
+                        args.reps, args.seed, args.tp) for n in names]
     res = {"rows": rows, "reps": args.reps, **common.env_info(torch.device("cpu")),
            "torch_pruning": getattr(tp, "__version__", "unknown")}
     table = common.md_table(
         ["model", "ratios", "groups", "dprune plan + cut (s)", "plan / cut (s)",
          "torch-pruning build + cut (s)", "build / cut (s)", "dprune / tp", "same shapes"],
         [[r["model"], r["ratios"], r["groups"], f"{r['dprune_s']:.2f}",
-          f"{r['dprune_plan_s']:.2f} / {r['dprune_cut_s']:.2f}", f"{r['tp_s']:.2f}",
-          f"{r['tp_build_s']:.2f} / {r['tp_cut_s']:.2f}", f"{r['ratio']:.2f}x", r["same_shapes"]]
+          f"{r['dprune_plan_s']:.2f} / {r['dprune_cut_s']:.2f}", _s(r["tp_s"]),
+          f"{_s(r['tp_build_s'])} / {_s(r['tp_cut_s'])}",
+          f"{r['ratio']:.2f}x" if r["ratio"] else "-", r["same_shapes"]]
          for r in rows])
     text = (f"plan + physical cut, {res['device_name']}, {res['cpu_threads']} thread(s), input "
             f"{'x'.join(map(str, size))}, median of {args.reps} alternating reps\n{table}")

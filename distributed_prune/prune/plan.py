@@ -199,7 +199,10 @@ def forget_graph(plan: Plan) -> None:
 
 
 def _shapes(model: nn.Module) -> tuple:
-    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    """The model's structure: module objects (a swapped module makes the graph stale) and
+    parameter shapes (a cut one too)."""
+    return (tuple(id(m) for m in model.modules()),
+            tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
 
 
 def _spec_text(ratios) -> str:
