@@ -8,7 +8,7 @@
     dprune export RUN_DIR --format onnx|torch-export|state-dict [--out FILE] [--input-size C,H,W]
     dprune sweep CONFIG --grid key=v1,v2 [--seeds N] [--launcher local|torchrun|slurm]
     dprune config show CONFIG [key=value ...]
-    dprune bench {kernels,train,loader,speedup,masked,gpu} ...
+    dprune bench {kernels,train,loader,speedup,masked,gpu,plan} ...
     dprune data write-beton --dataset NAME --out FILE
     dprune models
 
@@ -25,8 +25,6 @@ from .errors import UserError
 
 
 def cmd_plan(args) -> int:
-    import copy
-
     import torch
 
     from . import flops, models, prune
@@ -51,7 +49,7 @@ def cmd_plan(args) -> int:
         raise UserError(f"--input-size {args.input_size}: the model cannot run on it ({str(e).splitlines()[0]})") from None
     p = prune.plan(net, args.ratios, criterion=args.criterion, example_input=x,
                    round_to=args.round_to, skip=args.skip or ())
-    small = prune.apply(copy.deepcopy(net), p, mode="physical")
+    small = prune.apply(net, p, mode="physical")  # the planned object: its graph is reused
     pruned = flops.count(small, x)
     rows = p.table()
     out = {"model": args.model, "ratios": args.ratios, "criterion": args.criterion,
@@ -59,7 +57,7 @@ def cmd_plan(args) -> int:
            "dense_params": dense["params"], "pruned_params": pruned["params"],
            "speedup": dense["macs"] / max(pruned["macs"], 1),
            "params_reduction": 1 - pruned["params"] / dense["params"],
-           "layers": rows, "layer_ratios": p.layer_ratios}
+           "layers": rows, "layer_ratios": p.layer_ratios, "skipped": p.skipped}
     out.update(_round_to_8(args, net, x, rows, dense["macs"], pruned["macs"]))
     if args.json:
         print(json.dumps(out))
@@ -71,7 +69,11 @@ def cmd_plan(args) -> int:
     for name, ratio in p.layer_ratios.items():
         r = by_root.get(name)
         if r:
-            print(f"{name:40s} {r['ratio']:6.3f} {r['channels']:9d} {r['kept']:6d}")
+            note = (f"  rounded from {r['asked_kept']} (whole positions of a grouped conv)"
+                    if r["kept"] != r["asked_kept"] else "")
+            print(f"{name:40s} {r['ratio']:6.3f} {r['channels']:9d} {r['kept']:6d}{note}")
+        elif name in p.skipped:
+            print(f"{name:40s} {ratio:6.3f} {'':>9s} {'skip':>6s}  {p.skipped[name]}")
         else:
             print(f"{name:40s} {ratio:6.3f} {'':>9s} {'coupled' if name in coupled else '-':>6s}")
     print(f"MACs   {dense['macs'] / 1e6:12.2f} M -> {pruned['macs'] / 1e6:12.2f} M   speedup {out['speedup']:.2f}x")
@@ -85,6 +87,8 @@ def cmd_plan(args) -> int:
               + (f", ... (+{len(odd) - 8})" if len(odd) > 8 else ""))
         print(f"round_to 8 would keep {r8['pruned_macs'] / 1e6:.2f} M MACs ({100 * r8['mac_cost']:+.1f}%), "
               f"speedup {out['speedup']:.2f}x -> {r8['speedup']:.2f}x (see docs/benchmarks/throughput.md)")
+    if p.skipped:
+        print(f"skipped {len(p.skipped)} layer(s) the default rule cannot prune (marked 'skip')")
     return 0
 
 
@@ -143,7 +147,9 @@ def _passthrough(module: str):
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_data: bool = True) -> argparse.ArgumentParser:
+    """The ``dprune`` parser; ``with_data=False`` leaves out the ``data`` subcommands' options
+    (importing them imports torch, which ``dprune --help`` and argument errors do not need)."""
     p = ArgumentParser(prog="dprune", description="Fair, fast, large-scale filter pruning.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
@@ -217,14 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="datasets")
     dsub = s.add_subparsers(dest="data_cmd", required=True, parser_class=ArgumentParser)
     w = dsub.add_parser("write-beton", help="write an FFCV .beton file")
-    from .data.beton import add_arguments as beton_arguments
+    if with_data:  # its option lists live in data.beton, which imports torch: only when used
+        from .data.beton import add_arguments as beton_arguments
 
-    beton_arguments(w)
+        beton_arguments(w)
     w.set_defaults(func=_lazy("data.beton", "main"))
     return p
 
 
-BENCHES = ("kernels", "train", "loader", "speedup", "masked", "gpu")
+BENCHES = ("kernels", "train", "loader", "speedup", "masked", "gpu", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +248,7 @@ def _dispatch(argv: list[str]) -> int:
         import importlib
 
         return int(importlib.import_module(f"distributed_prune.bench.{argv[1]}").main(argv[2:]) or 0)
-    args, extra = build_parser().parse_known_args(argv)
+    args, extra = build_parser(with_data=bool(argv) and argv[0] == "data").parse_known_args(argv)
     # key=value overrides may also follow options (dprune sweep CFG --grid a=1,2 b=3)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = list(args.overrides) + extra

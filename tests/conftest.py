@@ -27,9 +27,17 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: longer end-to-end test")
+    config.addinivalue_line("markers", "zoo: every torchvision classifier (hours on CPU); "
+                            "runs only when selected: pytest -m zoo tests/zoo")
 
 
 def pytest_collection_modifyitems(config, items):
+    # the whole zoo runs only when the marker expression asks for it
+    if "zoo" not in (config.getoption("markexpr") or ""):
+        skip_zoo = pytest.mark.skip(reason="zoo: run with -m zoo")
+        for item in items:
+            if item.get_closest_marker("zoo") is not None:
+                item.add_marker(skip_zoo)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu: no CUDA device")

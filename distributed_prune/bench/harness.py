@@ -36,6 +36,13 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(kind: str = "wall") -> float:
+    """Seconds on the ``wall`` clock (perf_counter) or the ``cpu`` clock of this process
+    (process_time: with one thread it equals the wall time of an idle machine, and other jobs
+    sharing the cores do not inflate it). For host-side work timed without a device."""
+    return time.process_time() if kind == "cpu" else time.perf_counter()
+
+
 def time_once(fn: Callable[[], object], device) -> float:
     """Milliseconds of one call: CUDA events on GPU, perf_counter after a synchronize on CPU."""
     if getattr(device, "type", device) == "cuda":

@@ -29,9 +29,13 @@ def _weight_members(members: list[Member]):
 def _accumulate(members, per_member_scores, n):
     """Sum member scores into root-channel order: score[root_idx[k]] += s[idx[k]]."""
     total = torch.zeros(n, dtype=torch.float32)
+    ident = list(range(n))
     for m, s in zip(members, per_member_scores):
         s = s.detach().float().cpu()
-        total[torch.tensor(m.root_idxs)] += s[torch.tensor(m.idxs)]
+        if len(s) == n and m.idxs == ident and m.root_idxs == ident:  # channel for channel
+            total += s
+        else:
+            total[torch.tensor(m.root_idxs)] += s[torch.tensor(m.idxs)]
     return total
 
 
@@ -122,4 +126,4 @@ def select_pruned(scores: torch.Tensor, k: int, pick: str = "smallest", seed: in
         order = torch.randperm(len(scores), generator=torch.Generator().manual_seed(h))
     else:
         raise UserError(f"prune.pick: unknown pick {pick!r} (smallest, largest, random)")
-    return sorted(int(i) for i in order[:k])
+    return sorted(order[:k].tolist())

@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .groups import Graph
-from .plan import Plan, example_for
+from .groups import check_uniform
+from .plan import Plan, graph_for
+from .surgery import planned_members
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -23,8 +24,11 @@ def mask_targets(mod: nn.Module, dim: str, idxs: list[int], name: str):
             return [("weight", 0, idxs), ("bias", 0, idxs)] if dim == "out" else [("weight", 1, idxs)]
         if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: in and out move together
             return [("weight", 0, idxs), ("bias", 0, idxs)]
-        raise UserError(f"mask: grouped conv {name!r} (groups={mod.groups}) cannot be masked "
-                        "channel-wise; use mode='physical'")
+        if dim == "out":  # output channels are rows of the weight, whatever the conv group
+            return [("weight", 0, idxs), ("bias", 0, idxs)]
+        # an input channel at in-group position p is column p of its group's rows only; a plan
+        # removes the same positions from every group, so whole columns are zeroed
+        return [("weight", 1, check_uniform(mod, "in", idxs, name))]
     if isinstance(mod, _NORMS):
         return [("weight", 0, idxs), ("bias", 0, idxs)]
     if not any(True for _ in mod.parameters(recurse=False)):
@@ -126,12 +130,7 @@ def apply_masks(model: nn.Module, plan: Plan, kernel: str = "auto") -> nn.Module
     ``kernel``: ``"masked_conv"`` swaps pruned Conv2d layers for MaskedConv2d (Triton / native
     kernels that skip masked filters); ``"hooks"`` keeps the modules; ``"auto"`` swaps on CUDA."""
     use_kernel = use_masked_conv(model, kernel)
-    graph = Graph(model, example_for(plan, model))
-    members = []
-    for g in plan.groups:
-        pruned = plan.pruned(g)
-        if pruned:
-            members += graph.members(g.root, pruned)
+    members = planned_members(graph_for(plan, model), plan)
     swapped = _swap_masked_convs(model, members) if use_kernel else {}
     masks = ChannelMasks()
     for mb in members:

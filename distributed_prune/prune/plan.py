@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -12,8 +13,9 @@ import torch.nn as nn
 
 from ..errors import UserError
 from . import importance as imp
-from .groups import Graph, _out_channels, output_layer
+from .groups import Graph, _out_channels, position_classes
 from .ratios import PRUNABLE_TYPES, n_pruned, prunable_layers, resolve
+from .ratios import parse as parse_ratios
 
 PLAN_VERSION = 1
 
@@ -36,6 +38,8 @@ class Plan:
     pick: str = "smallest"
     round_to: int | None = None
     layer_ratios: dict[str, float] = field(default_factory=dict)
+    # layers the default rule (a bare number) left unpruned because they cannot be pruned: reason
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -65,7 +69,9 @@ class Plan:
     def table(self) -> list[dict]:
         """Per root layer: channels before/after and the ratio asked for."""
         return [{"layer": g.root, "ratio": g.ratio, "channels": g.n, "kept": len(g.keep),
-                 "coupled": len([m for m in g.members if m.endswith(":out")])} for g in self.groups]
+                 "coupled": len([m for m in g.members if m.endswith(":out")]),
+                 # kept channels the ratio asked for; differs when a grouped conv forced rounding
+                 "asked_kept": g.n - n_pruned(g.ratio, g.n, self.round_to)} for g in self.groups]
 
 
 def example_for(plan_or_shape, model: nn.Module) -> torch.Tensor:
@@ -83,48 +89,128 @@ def make_plan(model: nn.Module, ratios, criterion: str = "l1", example_input: to
     ``ratios``: any ratio format (see :mod:`.ratios`); ``criterion``: a name in
     ``importance.CRITERIA``; ``example_input``: one batch (N, ...) used to trace the graph.
     Deterministic: the same weights (and seed, for ``random``) give the same plan.
+
+    Under the default rule (a bare number) a layer that cannot be pruned (coupled to a bare
+    parameter or to a module that cannot be cut exactly, not reached by the forward pass, ...)
+    is skipped and listed in ``Plan.skipped``; an explicit spec naming it is an error.
+    A group reaching a grouped conv keeps the same positions in every conv group; its count is
+    rounded to the nearest feasible one (``Plan.table()`` shows the count asked for).
     """
     if example_input is None:
         raise UserError("plan: example_input is required to trace the model")
     imp.CRITERIA.lookup(criterion)  # an unknown name fails here, before tracing
     graph = Graph(model, example_input)
-    out_layer = output_layer(model, example_input)
+    out_layer = graph.output_layer()
     names = [n for n, _ in prunable_layers(model)]
-    members_of = {n: _safe_members(graph, n) for n in names if n != out_layer}
-    uncoupled = {n for n, ms in members_of.items()
-                 if ms is not None and {m.name for m in ms if m.dim == "out"
-                                        and isinstance(m.module, PRUNABLE_TYPES)} == {n}}
-    table = resolve(model, ratios, uncoupled=uncoupled, output_layer=out_layer, skip=tuple(skip))
+    default_rule = parse_ratios(ratios).kind == "uniform"
+    refused: dict[str, str] = {}
+
+    class _Uncoupled:
+        """Block-inner convs, decided only for the layers the ratio rule asks about, from the
+        operations their channels reach (the channel-level groups are computed only for the
+        layers that get a ratio > 0)."""
+
+        def __contains__(self, n):
+            if n == out_layer:
+                return False
+            try:
+                return graph.coupled_out_layers(n) == {n}
+            except UserError as e:  # e.g. reaches a refused module: not a default pruning target
+                refused[n] = str(e)
+                return False
+
+    table = resolve(model, ratios, uncoupled=_Uncoupled(), output_layer=out_layer, skip=tuple(skip))
+    skipped = {n: _reason(msg) for n, msg in refused.items()} if default_rule else {}
     todo, claimed = [], {}
     for name in names:
         r = table[name]
         if r <= 0 or name in claimed:
             continue
-        members = members_of.get(name) or graph.members(name)
-        outs = {m.name for m in members if m.dim == "out"}
-        if out_layer in outs:
-            raise UserError(f"prune.ratios: pruning {name!r} would prune the output layer "
-                            f"{out_layer!r} (coupled channels)")
-        for o in outs:
-            claimed[o] = name
-        todo.append((name, members, _out_channels(model.get_submodule(name)), r))
+        try:
+            members, n, classes = _group(graph, model, name, out_layer)
+        except UserError as e:
+            if not default_rule:
+                raise
+            skipped[name] = _reason(str(e))
+            continue
+        for m in members:
+            if m.dim == "out":
+                claimed[m.name] = name
+        todo.append((name, members, n, r, classes))
     # every group scored at once: one filter_norms call and one host transfer for the model
-    all_scores = imp.score_groups(criterion, [(nm, ms, n) for nm, ms, n, _ in todo], seed)
-    groups = []
-    for (name, members, n, r), scores in zip(todo, all_scores):
-        k = n_pruned(r, n, round_to)
+    all_scores = imp.score_groups(criterion, [(nm, ms, n) for nm, ms, n, _, _ in todo], seed)
+    groups = [_select(name, members, n, r, classes, scores, pick=pick, round_to=round_to, seed=seed)
+              for (name, members, n, r, classes), scores in zip(todo, all_scores)]
+    for n in skipped:
+        table[n] = 0.0
+    p = Plan(groups, list(example_input.shape[1:]), criterion, _spec_text(ratios), pick,
+             round_to, {k: v for k, v in table.items()}, dict(sorted(skipped.items())))
+    remember_graph(p, model, graph)
+    return p
+
+
+def _group(graph: Graph, model, name, out_layer):
+    """(members, channels, position classes or None) of the group rooted at ``name``; a
+    UserError when it cannot be pruned (it reaches the output layer, grouped convs of
+    different widths, or something the graph refuses)."""
+    members = graph.members(name)
+    outs = {m.name for m in members if m.dim == "out"}
+    if out_layer in outs:
+        raise UserError(f"prune.ratios: pruning {name!r} would prune the output layer "
+                        f"{out_layer!r} (coupled channels)")
+    n = _out_channels(model.get_submodule(name))
+    classes = position_classes(name, members, n)
+    if classes is not None and any(len(c) != len(classes[0]) for c in classes):
+        raise UserError(f"plan: layer {name!r} reaches grouped convs of different group widths; "
+                        "it cannot be pruned uniformly")
+    return members, n, classes
+
+
+def _select(name, members, n, r, classes, scores, *, pick, round_to, seed) -> GroupPlan:
+    """The group's kept channels: the ``k`` to prune by ``scores``; with grouped convs, whole
+    positions across the conv groups (the nearest feasible count, one position kept)."""
+    k = n_pruned(r, n, round_to)
+    if classes is None:
         pruned = imp.select_pruned(scores, k, pick, seed=seed, root=name)
-        keep = [i for i in range(n) if i not in set(pruned)]
-        groups.append(GroupPlan(name, n, keep, r, [f"{m.name}:{m.dim}" for m in members]))
-    return Plan(groups, list(example_input.shape[1:]), criterion, _spec_text(ratios), pick,
-                round_to, {k: v for k, v in table.items()})
+    else:
+        size = len(classes[0])
+        m = min(int(k / size + 0.5), len(classes) - 1)
+        cls_scores = torch.stack([scores[c].sum() for c in classes])
+        chosen = imp.select_pruned(cls_scores, m, pick, seed=seed, root=name)
+        pruned = sorted(i for ci in chosen for i in classes[ci])
+    drop = set(pruned)
+    keep = [i for i in range(n) if i not in drop]
+    return GroupPlan(name, n, keep, r, [f"{m.name}:{m.dim}" for m in members])
 
 
-def _safe_members(graph: Graph, name: str):
-    try:
-        return graph.members(name)
-    except UserError:  # e.g. reaches a refused module: not a default pruning target
-        return None
+def _reason(msg: str) -> str:
+    return msg[len("plan: "):] if msg.startswith("plan: ") else msg
+
+
+def remember_graph(plan: Plan, model: nn.Module, graph: Graph) -> None:
+    """Keep the traced graph with the plan, so applying it to the same (unchanged) model object
+    does not trace again. Not part of the plan's data (never serialised or compared)."""
+    plan.__dict__["_graph"] = (weakref.ref(model), graph, _shapes(model))
+
+
+def graph_for(plan: Plan, model: nn.Module) -> Graph:
+    """The plan's graph when ``model`` is the very object it was traced on and is unchanged,
+    else a new trace of ``model``."""
+    cached = plan.__dict__.get("_graph")
+    if cached is not None and cached[0]() is model and cached[2] == _shapes(model):
+        return cached[1]
+    return Graph(model, example_for(plan, model))
+
+
+def forget_graph(plan: Plan) -> None:
+    plan.__dict__.pop("_graph", None)
+
+
+def _shapes(model: nn.Module) -> tuple:
+    """The model's structure: module objects (a swapped module makes the graph stale) and
+    parameter shapes (a cut one too)."""
+    return (tuple(id(m) for m in model.modules()),
+            tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
 
 
 def _spec_text(ratios) -> str:
