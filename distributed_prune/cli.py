@@ -49,16 +49,20 @@ def cmd_plan(args) -> int:
         raise UserError(f"--input-size {args.input_size}: the model cannot run on it ({str(e).splitlines()[0]})") from None
     p = prune.plan(net, args.ratios, criterion=args.criterion, example_input=x,
                    round_to=args.round_to, skip=args.skip or ())
+    rows = p.table()
+    odd, macs8 = _round_to_8(args, net, x, rows)  # before the cut: it plans the dense model again
     small = prune.apply(net, p, mode="physical")  # the planned object: its graph is reused
     pruned = flops.count(small, x)
-    rows = p.table()
     out = {"model": args.model, "ratios": args.ratios, "criterion": args.criterion,
            "dense_macs": dense["macs"], "pruned_macs": pruned["macs"],
            "dense_params": dense["params"], "pruned_params": pruned["params"],
            "speedup": dense["macs"] / max(pruned["macs"], 1),
            "params_reduction": 1 - pruned["params"] / dense["params"],
            "layers": rows, "layer_ratios": p.layer_ratios, "skipped": p.skipped}
-    out.update(_round_to_8(args, net, x, rows, dense["macs"], pruned["macs"]))
+    out["not_multiple_of_8"] = odd
+    out["round_to_8"] = None if macs8 is None else {
+        "pruned_macs": macs8, "speedup": dense["macs"] / max(macs8, 1),
+        "mac_cost": macs8 / max(pruned["macs"], 1) - 1}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -101,9 +105,10 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _round_to_8(args, net, x, rows, dense_macs: int, pruned_macs: int) -> dict:
+def _round_to_8(args, net, x, rows) -> tuple[list, int | None]:
     """Pruned layers whose kept width is not a multiple of 8 (and not their full width), and the
-    MACs the same plan would keep with ``round_to=8``: the price of tensor-core-friendly widths."""
+    MACs the same plan would keep with ``round_to=8`` (None when nothing is off or the plan is
+    already rounded to 8): the price of tensor-core-friendly widths. ``net`` is the dense model."""
     import copy
 
     from . import flops, prune
@@ -111,11 +116,11 @@ def _round_to_8(args, net, x, rows, dense_macs: int, pruned_macs: int) -> dict:
     odd = [{"layer": r["layer"], "kept": r["kept"]} for r in rows
            if r["kept"] % 8 and r["kept"] != r["channels"]]
     if not odd or (args.round_to and args.round_to % 8 == 0):
-        return {"not_multiple_of_8": odd, "round_to_8": None}
-    p8 = prune.plan(net, args.ratios, criterion=args.criterion, example_input=x, round_to=8, skip=args.skip or ())
-    macs8 = flops.count(prune.apply(copy.deepcopy(net), p8, mode="physical"), x)["macs"]
-    return {"not_multiple_of_8": odd, "round_to_8": {"pruned_macs": macs8, "speedup": dense_macs / max(macs8, 1),
-                                                     "mac_cost": macs8 / max(pruned_macs, 1) - 1}}
+        return odd, None
+    copy_ = copy.deepcopy(net)
+    p8 = prune.plan(copy_, args.ratios, criterion=args.criterion, example_input=x, round_to=8,
+                    skip=args.skip or ())
+    return odd, flops.count(prune.apply(copy_, p8, mode="physical"), x)["macs"]
 
 
 def cmd_models(args) -> int:

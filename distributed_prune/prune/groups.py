@@ -9,6 +9,10 @@ and no exception raised inside the library leaks out untranslated: it becomes a
 Cost: the graph is traced once (one forward pass, which also records the output layer), the
 library's index mappings (concat / split / reshape offsets) are computed once per graph instead of
 once per group query, and a group is only computed for a layer that is asked about.
+
+Over 400 lines on purpose: everything that touches the library's internals (its graph, index
+mappings, the modules it refuses) stays in this one file, so a new torch-pruning release is
+checked in one place.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ def _refused_types():
     return {PadShortcut: "option-A zero-pad shortcut"}
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
 
@@ -133,10 +137,10 @@ class Graph:
             raise
         except RuntimeError as e:  # shape mismatch: wrong model for this plan / input size
             raise UserError(f"plan: the model cannot run on input shape "
-                            f"{tuple(example_input.shape[1:])} ({_first_line(e)})") from None
+                            f"{tuple(example_input.shape[1:])} ({first_line(e)})") from None
         except Exception as e:  # noqa: BLE001 - anything from inside the library, translated
             raise UserError(f"plan: cannot trace the model's channel dependencies "
-                            f"({_first_line(e)})") from None
+                            f"({first_line(e)})") from None
         finally:
             for h in hooks:
                 h.remove()
@@ -167,7 +171,7 @@ class Graph:
             try:
                 fn(self.dg, node)
             except Exception as e:  # noqa: BLE001 - recorded, refused per group
-                failed[node] = _first_line(e)
+                failed[node] = first_line(e)
         return failed
 
     def output_layer(self) -> str:
@@ -241,7 +245,7 @@ class Graph:
             raise
         except Exception as e:  # noqa: BLE001 - the library's failure, named by layer
             raise UserError(f"plan: layer {root!r}: torch-pruning cannot follow its coupled "
-                            f"channels ({_first_line(e)})") from None
+                            f"channels ({first_line(e)})") from None
         merged: dict = {}
         for dep, ids in items:
             k = (dep.target, dep.handler)

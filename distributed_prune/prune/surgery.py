@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..errors import UserError
-from .groups import _first_line, check_uniform, group_width, is_grouped_conv
+from .groups import first_line, check_uniform, group_width, is_grouped_conv
 from .plan import Plan, forget_graph, graph_for
 
 
@@ -50,7 +50,7 @@ def apply_physical(model: nn.Module, plan: Plan) -> nn.Module:
             raise
         except Exception as e:  # noqa: BLE001 - the library's failure, named by layer
             raise UserError(f"prune: cannot cut {mb.dim}put channels of {mb.name!r} "
-                            f"({_first_line(e)})") from None
+                            f"({first_line(e)})") from None
     model._dprune_plan_sha = plan.sha256()
     return model
 
