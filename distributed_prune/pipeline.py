@@ -70,15 +70,15 @@ def _run(cfg, ctx, epoch_hooks=()) -> dict:
     data = build_data(cfg, ctx, micro)       # data: bad paths fail here, before any directory exists
     model = build_model(cfg, data.info)      # models
     _check_inputs(cfg, ctx, model, data)     # prune: a ratio spec that does not fit fails now
-    rd = _open_run_dir(cfg)                  # run directory: create, or reopen with the same config
-    if rd.complete:
-        return _already_complete(rd)
-    stages = Stages(cfg, ctx, rd, data, micro, epoch_hooks)
-    model, at = stages.resume(model)         # run directory: the newest readable checkpoint
-    model, at = stages.pretrain(model, at)   # train (or load pretrain.checkpoint); evaluate dense
-    model, at = stages.prune(model, at)      # prune: plan, [method's phase], surgery, reinit
-    model = stages.retrain(model, at)        # train: engine built after surgery
-    return stages.finish(model)              # run directory + report: summary.json, report.md
+    with _open_run_dir(cfg) as rd:           # run directory: create or reopen; its lock held
+        if rd.complete:
+            return _already_complete(rd)
+        stages = Stages(cfg, ctx, rd, data, micro, epoch_hooks)
+        model, at = stages.resume(model)         # run directory: the newest readable checkpoint
+        model, at = stages.pretrain(model, at)   # train (or load pretrain.checkpoint); evaluate dense
+        model, at = stages.prune(model, at)      # prune: plan, [method's phase], surgery, reinit
+        model = stages.retrain(model, at)        # train: engine built after surgery
+        return stages.finish(model)              # run directory + report: report.md, summary.json
 
 
 def build_data(cfg, ctx, micro: int) -> RunData:
@@ -103,9 +103,27 @@ def _open_run_dir(cfg) -> RunDir:
 
 
 def _already_complete(rd: RunDir) -> dict:
+    summary = rd.summary()
     if rd.primary:
+        _check_plan_file(rd, summary)
         print(f"dprune: {rd.path} is already complete")
-    return rd.summary()
+    return summary
+
+
+def _check_plan_file(rd: RunDir, summary: dict):
+    """plan.json of a finished run must be the plan its summary names (plan_sha256)."""
+    want = summary.get("plan_sha256")
+    path = rd.path / "plan.json"
+    if want is None:
+        return
+    try:
+        got = prune.Plan.from_json(path.read_text()).sha256()
+    except Exception as e:  # missing, not JSON, not a plan: all the same to the reader
+        raise UserError(f"{path}: unreadable or not a plan ({type(e).__name__}); the plan is also "
+                        "in checkpoints/final.pt") from None
+    if got != want:
+        raise UserError(f"{path}: plan hash {got[:12]} differs from summary.json's plan_sha256 "
+                        f"{want[:12]}; the plan is also in checkpoints/final.pt")
 
 
 def _base_path(cfg):
@@ -186,6 +204,7 @@ class Stages:
         if cfg.trainability.jsv:
             self.record["dense"]["jsv_mean"] = self.jsv(model)["mean"]
         self._save("base.pt", model, stage="base", epoch=-1)
+        self.rd.maybe_fault("after-base")
         return model, Point(Stage.BASE)
 
     def prune(self, model, at: Point):
@@ -204,6 +223,7 @@ class Stages:
         model = self._reinit(model)
         self.plan_json = plan.to_json()
         rd.write_text("plan.json", self.plan_json)
+        rd.maybe_fault("inside-prune")
         pf = flops.count(model, self.example)
         pruned = self.record["pruned"] = {"top1": self.evaluate(model), **pf,
                                           "speedup": self.record["dense"]["macs"] / max(pf["macs"], 1)}
@@ -211,6 +231,7 @@ class Stages:
             j = self.jsv(model)
             pruned.update(jsv_mean=j["mean"], jsv=j)
         self._save("pruned.pt", model, stage="pruned", epoch=-1)
+        rd.maybe_fault("after-pruned")
         if rd.primary and self.verbose:
             print(f"[pruned] top1 {100 * pruned['top1']:.2f}%  MACs x{pruned['speedup']:.2f}  "
                   f"params {pruned['params']}"
@@ -229,10 +250,14 @@ class Stages:
         final_top1 = self.evaluate(model)
         rundir.dump_rank_state(model, self.plan_json)
         self._save("final.pt", model, stage="final", epoch=self.retrain_epochs)
+        rd.maybe_fault("before-summary")
         summary = self._summary(final_top1)
         if rd.primary:
-            rd.write_text("summary.json", json.dumps(summary, indent=1))
+            # report.md and its plots first, summary.json (the mark of a complete run) last: a
+            # run killed in between finishes again on re-run instead of staying without a report
             write_run_report(rd.path, summary, rd.metrics())
+            rd.maybe_fault("inside-report")
+            rd.write_text("summary.json", json.dumps(summary, indent=1))
             if self.verbose:
                 print(f"dprune: done: final top1 {100 * final_top1:.2f}%  -> {rd.path / 'summary.json'}")
         dist.barrier()
@@ -326,6 +351,7 @@ class Stages:
         """Log the row, print it, checkpoint the epoch; every rank takes part."""
         rd, row = self.rd, end.row
         rd.log(row)
+        rd.maybe_fault(f"{end.stage}:{end.epoch}:logged")
         if rd.primary and self.verbose:
             print(f"[{end.stage} {end.epoch + 1}/{end.epochs}] loss {row['train_loss']:.4f} "
                   f"top1 {100 * row['top1']:.2f}% lr {row['lr']:.3g}", flush=True)
@@ -334,7 +360,7 @@ class Stages:
                       plan=self.plan_json, config=self.config, record=json.dumps(self.record),
                       **end.training_state())
         dist.barrier()
-        rd.maybe_fault(stage, end.epoch)
+        rd.maybe_fault(f"{end.stage}:{end.epoch}")
 
     def _save(self, name, model, **kw):
         self.rd.save(name, model, plan=self.plan_json, config=self.config,

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import TrainingDiverged, UserError
 from .engine import build_engine
 from .loop import train_epoch
 from .optim import build_optimizer
@@ -119,6 +119,11 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: int, sch
                             channels_last=engine.channels_last, extra_loss=extra_loss,
                             grad_hook=grad_hook, iteration0=epoch * iters, progress=progress,
                             desc=f"{stage} {epoch + 1}/{epochs}")
+        if stats.get("nonfinite_step") is not None:   # the same on every rank (all-reduced)
+            raise TrainingDiverged(
+                f"{stage} epoch {epoch} (as in metrics.jsonl), step {stats['nonfinite_step']} of "
+                f"{iters}: the training loss is not finite; stopped, the newest checkpoint is the "
+                "last good one (lower the learning rate?)")
         eng.sync_buffers()  # rank 0's BN statistics on every rank: eval == checkpoint
         top1 = evaluate(eng.module)
         row = {"stage": stage, "epoch": epoch, "lr": sched.lr_at(epoch, total_epochs=epochs),
