@@ -177,6 +177,7 @@ class Stages:
         self.pre_epochs, self.pre_sched = cfg.effective_pretrain()
         self.re_epochs, self.re_sched = cfg.effective_retrain()
         self.retrain_epochs = self.re_epochs
+        self.epoch_checkpoints = True
 
     # ---- one line each in _run
     def resume(self, model):
@@ -214,10 +215,17 @@ class Stages:
             if self.plan_json:
                 rd.write_text("plan.json", self.plan_json)
             return model, at
-        plan = self._plan(model)
+        if at.stage == Stage.PRUNE and "phase_plan" in self.record:
+            # resumed inside the regularization phase: the plan chosen before it, not a new
+            # one from the regularized weights
+            plan = prune.Plan.from_json(self.record["phase_plan"])
+        else:
+            plan = self._plan(model)
         self.plan_json = None  # the dense weights go with no plan until surgery
         if self.method.phase is Phase.REGULARIZATION:
+            self.record["phase_plan"] = plan.to_json()   # saved in each epoch checkpoint
             model = self._regularize(model, at, plan)
+        self.record.pop("phase_plan", None)
         model = prune.apply(model, plan, mode="physical")
         model, plan = self._iterative(model, plan)
         model = self._reinit(model)
@@ -304,6 +312,9 @@ class Stages:
         # the first plan was made with the per-step ratios (see _plan): reuse them
         spec = ",".join(f"{n}:{r:.6f}" for n, r in plan.layer_ratios.items() if r > 0)
         full = plan
+        # the cycles log their epochs but write no epoch checkpoints: a run killed during them
+        # resumes from base.pt and redoes the pruning stage (its rows are cut back with it)
+        self.epoch_checkpoints = False
         for s in range(1, steps):
             if every:
                 self.plan_json = full.to_json()
@@ -315,6 +326,7 @@ class Stages:
             model = prune.apply(model, step_plan, mode="physical")
             full = compose_plans(full, step_plan)
         self.plan_json = None
+        self.epoch_checkpoints = True
         return model, full
 
     def _reinit(self, model):
@@ -356,6 +368,8 @@ class Stages:
             print(f"[{end.stage} {end.epoch + 1}/{end.epochs}] loss {row['train_loss']:.4f} "
                   f"top1 {100 * row['top1']:.2f}% lr {row['lr']:.3g}", flush=True)
         stage = Stage.from_label(end.stage)
+        if not self.epoch_checkpoints:
+            return
         rd.save_epoch(stage, end.epoch, end.module, keep=self.cfg.output.keep_checkpoints,
                       plan=self.plan_json, config=self.config, record=json.dumps(self.record),
                       **end.training_state())

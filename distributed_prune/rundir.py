@@ -286,19 +286,21 @@ class RunDir:
 
     # ---- test hooks (used by the resume, fault and distributed tests)
     def maybe_fault(self, point: str):
-        """``DPRUNE_FAULT=<point>`` kills this process (SIGKILL) once, at ``point``, on rank
-        ``DPRUNE_FAULT_RANK`` (default 0). Points (see :data:`FAULT_POINTS`): ``<stage>:<epoch>``
-        right after that epoch's checkpoint, ``<stage>:<epoch>:logged`` after its metrics row
-        and before its checkpoint, and the named points between and inside stages."""
+        """``DPRUNE_FAULT=<point>[,<point>...]`` kills this process (SIGKILL) at each listed
+        point once (``.fault-injected`` records the points that fired, so a re-run gets past
+        them), on rank ``DPRUNE_FAULT_RANK`` (default 0). Points: ``<stage>:<epoch>`` right
+        after that epoch's checkpoint, ``<stage>:<epoch>:logged`` inside the stage (after the
+        epoch's metrics row, before its checkpoint) and :data:`FAULT_POINTS`."""
         spec = os.environ.get("DPRUNE_FAULT")
-        if not spec or spec != point:
+        if not spec or point not in spec.split(","):
             return
         if dist.get_rank() != int(os.environ.get("DPRUNE_FAULT_RANK", "0")):
             return
         marker = self.path / ".fault-injected"
-        if marker.exists():
+        fired = marker.read_text().split() if marker.exists() else []
+        if point in fired:
             return
-        marker.write_text("1")
+        fileio.write_text(marker, "".join(f + "\n" for f in (*fired, point)))
         os.kill(os.getpid(), signal.SIGKILL)
 
     # ---- one writer
