@@ -103,27 +103,9 @@ def _open_run_dir(cfg) -> RunDir:
 
 
 def _already_complete(rd: RunDir) -> dict:
-    summary = rd.summary()
     if rd.primary:
-        _check_plan_file(rd, summary)
         print(f"dprune: {rd.path} is already complete")
-    return summary
-
-
-def _check_plan_file(rd: RunDir, summary: dict):
-    """plan.json of a finished run must be the plan its summary names (plan_sha256)."""
-    want = summary.get("plan_sha256")
-    path = rd.path / "plan.json"
-    if want is None:
-        return
-    try:
-        got = prune.Plan.from_json(path.read_text()).sha256()
-    except Exception as e:  # missing, not JSON, not a plan: all the same to the reader
-        raise UserError(f"{path}: unreadable or not a plan ({type(e).__name__}); the plan is also "
-                        "in checkpoints/final.pt") from None
-    if got != want:
-        raise UserError(f"{path}: plan hash {got[:12]} differs from summary.json's plan_sha256 "
-                        f"{want[:12]}; the plan is also in checkpoints/final.pt")
+    return rd.summary()
 
 
 def _base_path(cfg):

@@ -205,9 +205,13 @@ class RunDir:
     def log(self, row: dict):
         """Append one metrics row (flushed: a crash loses at most the row being written)."""
         if self.primary:
-            with open(self.path / "metrics.jsonl", "a") as f:
-                f.write(json_row(row) + "\n")
-                f.flush()
+            path = self.path / "metrics.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json_row(row) + "\n")
+                    f.flush()
+            except OSError as e:   # name the file (a full disk reports no name)
+                raise OSError(e.errno, e.strerror, str(path)) from e
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.path)
@@ -367,7 +371,7 @@ def open_run_dir(path: str | os.PathLike, *, config: dict, config_text: str, sav
     rd = RunDir(path)
     _check_writable(rd.path)
     saved = rd.path / "config.yaml"
-    created = False
+    created = None
     try:
         if saved.exists() or saved.is_symlink():
             if resume is False:
@@ -381,12 +385,13 @@ def open_run_dir(path: str | os.PathLike, *, config: dict, config_text: str, sav
                 raise UserError(f"output.dir {rd.path} holds a run with a different config "
                                 f"({_first_diff(old, new)}); choose another output.dir")
             summary = check_summary(rd.path)
-            rd.lock()
-            if summary_is_complete(summary):
+            if summary_is_complete(summary):   # read only: no lock taken, nothing written
+                _check_plan_file(rd.path, summary)
                 rd.complete = True
                 return rd
+            rd.lock()
         elif rd.primary:
-            created = not rd.path.exists()
+            created = _first_missing(rd.path)
             rd.path.mkdir(parents=True, exist_ok=True)
             rd.lock()
             if not saved.exists():          # (a run that held the lock may have written it)
@@ -397,19 +402,48 @@ def open_run_dir(path: str | os.PathLike, *, config: dict, config_text: str, sav
                                     saved_config=saved_config, resume=resume)
     except OSError as e:
         rd.close()
-        if created:   # nothing left behind: only what this call created
+        if created is not None:   # nothing left behind: only what this call created
             for f in (rd.path / LOCK_NAME, saved):
                 f.unlink(missing_ok=True)
-            try:
-                rd.path.rmdir()
-            except OSError:
-                pass
+            d = rd.path
+            while True:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+                if d == created:
+                    break
+                d = d.parent
         raise UserError(f"output.dir {rd.path}: cannot write ({e.strerror or e})") from None
     except BaseException:
         rd.close()
         raise
     dist.barrier()
     return rd
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The topmost directory ``mkdir(parents=True)`` would create for ``path`` (None: exists)."""
+    top = None
+    while not path.exists() and path.parent != path:
+        top, path = path, path.parent
+    return top
+
+
+def _check_plan_file(run_dir: Path, summary: dict):
+    """plan.json of a finished run must be the plan its summary names (``plan_sha256``)."""
+    want = summary.get("plan_sha256")
+    path = run_dir / "plan.json"
+    if want is None:
+        return
+    try:
+        got = prune.Plan.from_json(path.read_text()).sha256()
+    except Exception as e:  # missing, not JSON, not a plan: all the same to its readers
+        raise UserError(f"{path}: unreadable or not a plan ({type(e).__name__}); the run's plan is "
+                        "also in checkpoints/final.pt") from None
+    if got != want:
+        raise UserError(f"{path}: plan hash {got[:12]} differs from summary.json's plan_sha256 "
+                        f"{want[:12]}; the run's plan is also in checkpoints/final.pt")
 
 
 def _check_writable(path: Path):
