@@ -11,6 +11,9 @@ config into their arguments and keeps what the stages share (the record of resul
 
 Every stage checkpoints atomically each epoch; re-running into the same ``output.dir`` (or
 ``resume=true``) continues from the newest readable checkpoint, with every epoch logged once.
+
+Over 400 lines on purpose: the stages share one record (results, plan, resume state) and are
+read best as one class; what each stage calls lives in the modules above.
 """
 from __future__ import annotations
 

@@ -5,13 +5,19 @@ re-run resumes.
     metrics.jsonl        one JSON row per trained epoch (stage, epoch, lr, losses, top1, ...)
     checkpoints/         base.pt, pruned.pt, final.pt and <stage>-<epoch>.pt (newest few kept)
     plan.json            the pruning plan
-    summary.json         the result; ``"status": "complete"`` marks a finished run
+    summary.json         the result; ``"status": "complete"`` marks a finished run (written last)
     report.md            a human-readable summary
+    .lock                the writer's lock (its pid)
 
 Only the primary rank writes. Every file is written atomically (:mod:`.fileio`); metrics rows
 are appended and flushed, and a re-run first cuts the log back to the checkpoint it resumes from,
 so every epoch is logged exactly once. This module is the only reader of ``metrics.jsonl`` and
-the only judge of "is this run complete" (:func:`read_metrics`, :func:`is_complete`).
+the only judge of "is this run complete" (:func:`read_metrics`, :func:`is_complete`). One run
+writes a directory at a time (:meth:`RunDir.lock`).
+
+Over 400 lines on purpose: the run directory's files, its metrics log, checkpoints, resume
+points, lock and checks of a reopened directory are one contract (docs/architecture.md, "Run
+directory"), kept in the one module that owns it.
 """
 from __future__ import annotations
 
