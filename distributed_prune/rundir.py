@@ -375,7 +375,7 @@ def open_run_dir(path: str | os.PathLike, *, config: dict, config_text: str, sav
     Every problem with the directory is a UserError naming the path, raised before anything is
     created or changed."""
     rd = RunDir(path)
-    _check_writable(rd.path)
+    _check_not_a_file(rd.path)
     saved = rd.path / "config.yaml"
     created = None
     try:
@@ -395,8 +395,10 @@ def open_run_dir(path: str | os.PathLike, *, config: dict, config_text: str, sav
                 _check_plan_file(rd.path, summary)
                 rd.complete = True
                 return rd
+            _check_writable(rd.path)
             rd.lock()
         elif rd.primary:
+            _check_writable(rd.path)
             created = _first_missing(rd.path)
             rd.path.mkdir(parents=True, exist_ok=True)
             rd.lock()
@@ -452,21 +454,21 @@ def _check_plan_file(run_dir: Path, summary: dict):
                         f"{want[:12]}; the run's plan is also in checkpoints/final.pt")
 
 
-def _check_writable(path: Path):
-    """``output.dir`` must be a directory or creatable as one: not a file, not below a file,
-    and its nearest existing ancestor writable (os.access; root passes it, so the write itself
-    is also guarded)."""
-    if str(path) in ("", "."):
-        return
+def _check_not_a_file(path: Path):
+    """``output.dir`` must be a directory or creatable as one: not a file, not below a file."""
     if path.exists() and not path.is_dir():
         raise UserError(f"output.dir {path}: is a file, not a directory")
-    p = path
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
-    if p != path and not p.is_dir():
-        raise UserError(f"output.dir {path}: {p} is a file, not a directory")
+    p = _first_missing(path)
+    if p is not None and p.parent.exists() and not p.parent.is_dir():
+        raise UserError(f"output.dir {path}: {p.parent} is a file, not a directory")
+
+
+def _check_writable(path: Path):
+    """The directory (or its nearest existing ancestor) must be writable: os.access (it knows
+    permission bits, read-only mounts and immutable directories; root passes the bits, so the
+    writes themselves are also guarded, see :func:`open_run_dir`)."""
+    p = _first_missing(path)
+    p = path if p is None else p.parent
     if not os.access(p, os.W_OK | os.X_OK):
         raise UserError(f"output.dir {path}: {p} is not writable")
 

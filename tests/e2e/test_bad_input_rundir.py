@@ -366,3 +366,14 @@ def test_divergent_run_stops_with_exit_3(tmp_path):
     text = (out / "metrics.jsonl").read_text()
     rows = [json.loads(x, parse_constant=lambda c: pytest.fail(c)) for x in text.splitlines()]
     assert [(x["stage"], x["epoch"]) for x in rows] == [("pretrain", 0)]
+
+
+def test_finished_run_in_read_only_directory_is_still_complete(pristine, capsys, monkeypatch):
+    """Re-running a finished run only reads it: a read-only directory is no error then."""
+    real = os.access
+    monkeypatch.setattr(rundir.os, "access", lambda p, m, **kw: False if Path(p) == pristine else real(p, m, **kw))
+    before = snapshot(pristine)
+    assert main(["run", DEBUG, f"output.dir={pristine}", *TINY]) == 0
+    assert "already complete" in capsys.readouterr().out and snapshot(pristine) == before
+    (pristine / "summary.json").unlink()          # not finished: it would write, so it is refused
+    refused(capsys, pristine, pristine, "not writable")
