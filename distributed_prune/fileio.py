@@ -50,7 +50,8 @@ def write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None], *,
                 if fsync:
                     os.fsync(f.fileno())
     except OSError as e:
-        if e.errno is not None and (e.filename is None or Path(str(e.filename)).name.startswith(f".{path.name}.")):
+        temp = e.filename is not None and Path(str(e.filename)).name.startswith(f".{path.name}.")
+        if e.errno is not None and (e.filename is None or temp):
             # name the target, not the temp file (a full disk, a read-only mount, ...)
             raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
         raise

@@ -167,7 +167,8 @@ def check_summary(run_dir: str | os.PathLike) -> Optional[dict]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({type(e).__name__}); remove it to let the run finish again") from None
+        raise UserError(f"{path}: unreadable ({type(e).__name__}); remove it to let the run "
+                        "finish again") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: holds a {type(data).__name__}, not a summary object; remove it "
                         "to let the run finish again")
@@ -481,7 +482,8 @@ def _read_saved_config(saved: Path, parse) -> dict:
     try:
         old = parse(text)
     except Exception as e:   # any YAML or config error: the file, not the user's input, is bad
-        raise UserError(f"{saved}: not a readable config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{saved}: not a readable config ({why})") from None
     if not isinstance(old, dict):
         raise UserError(f"{saved}: holds a {type(old).__name__}, not a config mapping")
     return dict(old)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from distributed_prune import checkpoint, fileio, rundir
 from distributed_prune.cli import main
