@@ -7,13 +7,16 @@ on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from .errors import Terminated, TrainingDiverged, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -76,16 +79,52 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def run(main: Callable[[], "int | None"], prog: str = "dprune") -> int:
-    """Exit status of ``main()``: its own, 2 after a UserError (one line on stderr), 130 on
-    Ctrl-C, 0 when the reader of stdout went away (``dprune ... | head``)."""
+    """Exit status of ``main()``: its own, 2 after a UserError or a file system that refuses a
+    write (one line on stderr), 3 when training diverged, 130 on Ctrl-C, 143 on SIGTERM, 0 when
+    the reader of stdout went away (``dprune ... | head``)."""
+    restore = _handle_sigterm()
     try:
         return int(main() or 0)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"{prog}: error: training diverged: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:
+        if e.errno not in _NO_WRITE:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}cannot write ({e.strerror or os.strerror(e.errno)})", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM); the newest checkpoint is intact, run again to resume",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        restore()
+
+
+#: errno values of a write the file system refused: full disk, quota, read-only mount,
+#: permission (they name a path the user chose, not a bug)
+_NO_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _handle_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread (only where nobody installed a
+    handler); returns the function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -150,6 +150,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """In-place minimum over ranks (identity without a process group)."""
+    if tdist.is_initialized() and get_world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return t
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t).div_(get_world_size())
 

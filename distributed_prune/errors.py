@@ -8,3 +8,13 @@ never a traceback.  Library code raises it with a message that names the key or 
 
 class UserError(ValueError):
     """Bad input from the user; the message names the offending key, value or file."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A training loss that is not finite (NaN or inf). The CLI prints the message (stage, epoch
+    and step) as one line and exits with status 3, distinct from bad input (2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (files stay whole:
+    every write is atomic); the CLI exits with status 143 (128 + SIGTERM)."""

@@ -42,12 +42,19 @@ def write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None], *,
     """Call ``writer(f)`` on a binary temp file, flush and fsync it (a crash right after the
     rename must not leave an empty file on disk), then rename it over ``path``."""
     path = Path(path)
-    with atomic_path(path, executable=executable) as tmp:
-        with open(tmp, "wb") as f:
-            writer(f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+    try:
+        with atomic_path(path, executable=executable) as tmp:
+            with open(tmp, "wb") as f:
+                writer(f)
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+    except OSError as e:
+        temp = e.filename is not None and Path(str(e.filename)).name.startswith(f".{path.name}.")
+        if e.errno is not None and (e.filename is None or temp):
+            # name the target, not the temp file (a full disk, a read-only mount, ...)
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
     return path
 
 

@@ -14,6 +14,9 @@ progress) that every checkpoint carries, and reading them in one place is the po
 
 Every stage checkpoints atomically each epoch; re-running into the same ``output.dir`` (or
 ``resume=true``) continues from the newest readable checkpoint, with every epoch logged once.
+
+Over 400 lines on purpose: the stages share one record (results, plan, resume state) and are
+read best as one class; what each stage calls lives in the modules above.
 """
 from __future__ import annotations
 
@@ -75,15 +78,15 @@ def _run(cfg, ctx, epoch_hooks=()) -> dict:
     data = build_data(cfg, ctx, micro)       # data: bad paths fail here, before any directory exists
     model = build_model(cfg, data.info)      # models
     _check_inputs(cfg, ctx, model, data)     # prune: a ratio spec that does not fit fails now
-    rd = _open_run_dir(cfg)                  # run directory: create, or reopen with the same config
-    if rd.complete:
-        return _already_complete(rd)
-    stages = Stages(cfg, ctx, rd, data, micro, epoch_hooks)
-    model, at = stages.resume(model)         # run directory: the newest readable checkpoint
-    model, at = stages.pretrain(model, at)   # train (or load pretrain.checkpoint); evaluate dense
-    model, at = stages.prune(model, at)      # prune: plan, [method's phase], surgery, reinit
-    model = stages.retrain(model, at)        # train: engine built after surgery
-    return stages.finish(model)              # run directory + report: summary.json, report.md
+    with _open_run_dir(cfg) as rd:           # run directory: create or reopen; its lock held
+        if rd.complete:
+            return _already_complete(rd)
+        stages = Stages(cfg, ctx, rd, data, micro, epoch_hooks)
+        model, at = stages.resume(model)         # run directory: the newest readable checkpoint
+        model, at = stages.pretrain(model, at)   # train (or load pretrain.checkpoint); evaluate dense
+        model, at = stages.prune(model, at)      # prune: plan, [method's phase], surgery, reinit
+        model = stages.retrain(model, at)        # train: engine built after surgery
+        return stages.finish(model)              # run directory + report: report.md, summary.json
 
 
 def build_data(cfg, ctx, micro: int) -> RunData:
@@ -200,6 +203,7 @@ class Stages:
         self.pre_epochs, self.pre_sched = cfg.effective_pretrain()
         self.re_epochs, self.re_sched = cfg.effective_retrain()
         self.retrain_epochs = self.re_epochs
+        self.epoch_checkpoints = True
 
     # ---- one line each in _run
     def resume(self, model):
@@ -231,6 +235,7 @@ class Stages:
         if cfg.trainability.jsv:
             self.record["dense"]["jsv_mean"] = self.jsv(model)["mean"]
         self._save("base.pt", model, stage="base", epoch=-1)
+        self.rd.maybe_fault("after-base")
         return model, Point(Stage.BASE)
 
     def prune(self, model, at: Point):
@@ -240,17 +245,26 @@ class Stages:
             if self.plan_json:
                 rd.write_text("plan.json", self.plan_json)
             return model, at
-        plan = self._plan(model)
+        if at.stage == Stage.PRUNE and "phase_plan" in self.record:
+            # resumed inside the regularization or masked phase: the plan chosen before it,
+            # not a new one from the weights the phase changed
+            plan = prune.Plan.from_json(self.record["phase_plan"])
+        else:
+            plan = self._plan(model)
         self.plan_json = None  # the dense weights go with no plan until surgery
+        if self.method.phase in (Phase.REGULARIZATION, Phase.MASKED):
+            self.record["phase_plan"] = plan.to_json()   # saved in each epoch checkpoint
         if self.method.phase is Phase.REGULARIZATION:
             model = self._regularize(model, at, plan)
         elif self.method.phase is Phase.MASKED:
             model, plan = self._masked(model, at, plan)
+        self.record.pop("phase_plan", None)
         model = prune.apply(model, plan, mode="physical")
         model, plan = self._iterative(model, plan)
         model = self._reinit(model, plan)
         self.plan_json = plan.to_json()
         rd.write_text("plan.json", self.plan_json)
+        rd.maybe_fault("inside-prune")
         pf = flops.count(model, self.example)
         pruned = self.record["pruned"] = {"top1": self.evaluate(model), **pf,
                                           "speedup": self.record["dense"]["macs"] / max(pf["macs"], 1)}
@@ -258,6 +272,7 @@ class Stages:
             j = self.jsv(model)
             pruned.update(jsv_mean=j["mean"], jsv=j)
         self._save("pruned.pt", model, stage="pruned", epoch=-1)
+        rd.maybe_fault("after-pruned")
         if rd.primary and self.verbose:
             print(f"[pruned] top1 {100 * pruned['top1']:.2f}%  MACs x{pruned['speedup']:.2f}  "
                   f"params {pruned['params']}"
@@ -276,10 +291,14 @@ class Stages:
         final_top1 = self.evaluate(model)
         rundir.dump_rank_state(model, self.plan_json)
         self._save("final.pt", model, stage="final", epoch=self.retrain_epochs)
+        rd.maybe_fault("before-summary")
         summary = self._summary(final_top1)
         if rd.primary:
-            rd.write_text("summary.json", json.dumps(summary, indent=1))
+            # report.md and its plots first, summary.json (the mark of a complete run) last: a
+            # run killed in between finishes again on re-run instead of staying without a report
             write_run_report(rd.path, summary, rd.metrics())
+            rd.maybe_fault("inside-report")
+            rd.write_text("summary.json", json.dumps(summary, indent=1))
             if self.verbose:
                 print(f"dprune: done: final top1 {100 * final_top1:.2f}%  -> {rd.path / 'summary.json'}")
         rd.close_tensorboard()
@@ -365,6 +384,9 @@ class Stages:
         # the first plan was made with the per-step ratios (see _plan): reuse them
         spec = ",".join(f"{n}:{r:.6f}" for n, r in plan.layer_ratios.items() if r > 0)
         full = plan
+        # the cycles log their epochs but write no epoch checkpoints: a run killed during them
+        # resumes from base.pt and redoes the pruning stage (its rows are cut back with it)
+        self.epoch_checkpoints = False
         for s in range(1, steps):
             if every:
                 self.plan_json = full.to_json()
@@ -376,6 +398,7 @@ class Stages:
             model = prune.apply(model, step_plan, mode="physical")
             full = compose_plans(full, step_plan)
         self.plan_json = None
+        self.epoch_checkpoints = True
         return model, full
 
     def _reinit(self, model, plan):
@@ -421,15 +444,18 @@ class Stages:
         if "epochs_done" in row:  # the regularization phase: how far it got (it may end mid-epoch)
             self.record["prune_epochs"] = row["epochs_done"]
         rd.log(row)
+        rd.maybe_fault(f"{end.stage}:{end.epoch}:logged")
         if rd.primary and self.verbose:
             print(f"[{end.stage} {end.epoch + 1}/{end.epochs}] loss {row['train_loss']:.4f} "
                   f"top1 {100 * row['top1']:.2f}% lr {row['lr']:.3g}", flush=True)
         stage = Stage.from_label(end.stage)
+        if not self.epoch_checkpoints:
+            return
         rd.save_epoch(stage, end.epoch, end.module, keep=self.cfg.output.keep_checkpoints,
                       plan=self.plan_json, config=self.config, record=json.dumps(self.record),
                       **self.ckpt_extra, **end.training_state())
         dist.barrier()
-        rd.maybe_fault(stage, end.epoch)
+        rd.maybe_fault(f"{end.stage}:{end.epoch}")
 
     def _save(self, name, model, **kw):
         self.rd.save(name, model, plan=self.plan_json, config=self.config,

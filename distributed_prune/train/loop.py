@@ -2,7 +2,12 @@
 scratch training (evaluation is in :mod:`distributed_prune.eval`).
 
 No host synchronisation per step: loss and accuracy are accumulated on the device and read
-once per epoch (after an all-reduce).
+once per epoch (after an all-reduce). So is divergence: every step marks, on the device, the
+index of the first optimizer step whose loss was not finite; the host reads that mark with the
+epoch's statistics, and the caller stops the run there (the epoch is neither logged nor
+checkpointed, so the newest checkpoint is the last good one). The steps after the bad one in the
+same epoch still run on NaN weights: a per-step check would cost a host sync per step, which
+the loop avoids (it is the price of an asynchronous GPU pipeline).
 """
 from __future__ import annotations
 
@@ -44,6 +49,8 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)
+    no_bad = torch.iinfo(torch.int64).max
+    first_bad = torch.full((), no_bad, device=device, dtype=torch.int64)  # 1-based step, on device
     it = 0
     stopped = False
     bar = None
@@ -67,6 +74,8 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
             total = loss if extra_loss is None else loss + extra_loss()
             engine.backward(total / grad_accum)
         loss_sum += loss.detach().double() * y.numel()
+        bad = ~torch.isfinite(total.detach()) & (first_bad == no_bad)
+        first_bad.masked_fill_(bad, it + 1)
         correct += (out.detach().argmax(1) == y).sum()
         count += y.numel()
         if last_micro:
@@ -85,7 +94,9 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
         bar.close()
     stats = torch.stack([loss_sum, correct.double(), count.double()])
     dist.all_reduce_sum(stats)
+    dist.all_reduce_min(first_bad)
     loss_v, correct_v, count_v = stats.tolist()
+    bad_step = int(first_bad.item())
     return {"train_loss": loss_v / max(count_v, 1), "train_top1": correct_v / max(count_v, 1),
-            "samples": int(count_v),
-            "iterations": it, "stopped": stopped}
+            "samples": int(count_v), "iterations": it, "stopped": stopped,
+            "nonfinite_step": None if bad_step == no_bad else bad_step}

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import TrainingDiverged, UserError
 from .engine import build_engine
 from .loop import train_epoch
 from .optim import build_optimizer
@@ -143,6 +143,11 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, s
                             channels_last=engine.channels_last, iteration0=epoch * iters,
                             progress=progress, desc=f"{stage} {epoch + 1}/{n_epochs}",
                             max_iterations=total_iters - epoch * iters, **loop_hooks)
+        if stats.get("nonfinite_step") is not None:   # the same on every rank (all-reduced)
+            raise TrainingDiverged(
+                f"{stage} epoch {epoch} (as in metrics.jsonl), step {stats['nonfinite_step']} of "
+                f"{iters}: the training loss is not finite; stopped, the newest checkpoint is the "
+                "last good one (lower the learning rate?)")
         # the loss all-reduce in train_epoch synchronised the device: this is the training time
         train_s = time.time() - t0
         eng.sync_buffers()  # rank 0's BN statistics on every rank: eval == checkpoint

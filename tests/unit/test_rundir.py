@@ -115,6 +115,7 @@ def test_open_run_dir_refuses_a_different_config(tmp_path):
     rd = rundir.open_run_dir(tmp_path / "r", config=cfg, config_text=json.dumps(cfg),
                              saved_config=json.loads, resume="auto")
     assert not rd.complete and json.loads((tmp_path / "r" / "config.yaml").read_text()) == cfg
+    rd.close()   # the run's lock: a second open while it is held is refused (test_rundir_lock.py)
     with pytest.raises(UserError, match=r"model\.name: 'a' -> 'b'"):
         rundir.open_run_dir(tmp_path / "r", config={**cfg, "model": {"name": "b"}}, config_text="",
                             saved_config=json.loads, resume="auto")
