@@ -4,10 +4,11 @@ Default inits depend on tensor shapes (Kaiming std = gain / sqrt(fan)), so a pru
 from scratch must be initialised as the small dense model it is, not sliced from a dense init.
 ``init_weights(model)`` calls ``model.init_weights()`` when the model has one (the project's own
 models do); torchvision classifiers get the rule their family's constructor applies, looked up
-by class in ``_TV_RULES``; any other model keeps only PyTorch's per-layer defaults, with a warning.
+by class (``_tv_rules``); any other model gets only PyTorch's per-layer defaults, with a warning.
 
-The rules only touch the layers their constructor touches: callers that want every parameter
-fresh run ``reset_parameters()`` on every submodule first (``prune.reinit``'s ``scratch`` does).
+The rules only touch the layers their constructor touches; ``reset=True`` first runs
+``reset_parameters()`` on every submodule so that the others are fresh too (``prune.reinit``'s
+``scratch`` does that).
 """
 from __future__ import annotations
 
