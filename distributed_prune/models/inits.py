@@ -120,8 +120,14 @@ def init_weights(model: nn.Module, *, reset: bool = False) -> nn.Module:
                 for bn in zero_bns:
                     nn.init.zeros_(bn.weight)
                 return model
+    # parameters held by a module without reset_parameters (e.g. ViT's class token) are not
+    # redrawn: they keep what the instance has, which the warning must say
+    kept = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
+            if not callable(getattr(m, "reset_parameters", None))
+            for pn, _ in m.named_parameters(recurse=False)]
+    also = f"; {len(kept)} parameter(s) without one keep their values (first: {kept[0]})" if kept else ""
     warnings.warn(f"init_weights: no constructor init rule for model family {type(model).__name__}; "
-                  "using PyTorch's per-layer defaults (reset_parameters)", stacklevel=2)
+                  f"using PyTorch's per-layer defaults (reset_parameters){also}", stacklevel=2)
     if not reset:
         _reset_all(model)
     return model

@@ -56,3 +56,19 @@ def test_unknown_family_falls_back_with_a_warning():
         models.init_weights(model)
     assert len(rec) == 1 and "\n" not in str(rec[0].message)
     assert all(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if k.endswith("weight"))
+
+
+def test_fallback_names_parameters_it_cannot_redraw():
+    from torch import nn
+
+    class Tokened(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = nn.Parameter(torch.zeros(3))
+            self.fc = nn.Linear(3, 2)
+
+    model = Tokened()
+    with pytest.warns(UserWarning, match=r"family Tokened.*1 parameter\(s\) without one keep their "
+                                         r"values \(first: token\)"):
+        models.init_weights(model, reset=True)
+    assert not model.token.any()
