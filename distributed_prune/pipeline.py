@@ -406,7 +406,7 @@ class Stages:
         if cfg.prune.reinit != "scratch":
             return reinit(cfg.prune.reinit, model, activation=cfg.model.activation).to(self.device)
         torch.manual_seed(cfg.seed + 1)
-        # the model's own constructor init, on a freshly built model cut to the plan
+        # the pruned architecture, re-initialised at its own (pruned) shapes by reinit("scratch")
         fresh = lambda: prune.replay(build_model(cfg, self.data.info), plan)  # noqa: E731
         return reinit("scratch", model, activation=cfg.model.activation, fresh=fresh).to(self.device)
 

@@ -1,6 +1,7 @@
 """Model registry.
 
-``create(name, num_classes=...)`` builds any registered model; ``list_models()`` lists the
+``create(name, num_classes=...)`` builds any registered model; ``init_weights(model)`` re-runs its
+constructor initialization at its current (e.g. pruned) shapes; ``list_models()`` lists the
 project's own models (:data:`MODELS`) plus every torchvision classification model;
 ``create(name, weights="IMAGENET1K_V1")`` loads torchvision's pretrained weights.
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 from ..errors import UserError
 from ..registry import Registry
 from .cifar_resnet import resnet20, resnet32, resnet56, resnet110
+from .inits import init_weights
 from .lenet import lenet5
 from .mlp import mlp_7_linear, mlp_7_relu
 from .vgg import vgg19_c, vgg_tiny

@@ -56,6 +56,12 @@ class CifarResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c, num_classes)
+        self.init_weights()
+
+    def init_weights(self):
+        """The constructor's init: Kaiming-normal (fan_out, relu) convolutions; the other layers
+        keep PyTorch's defaults. Fans come from the current shapes, so re-running it on a pruned
+        instance initialises it as the small dense model it is."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -14,6 +14,14 @@ class LeNet5(nn.Module):
             nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
         )
 
+    def init_weights(self):
+        """The constructor's init: PyTorch's default of every layer (``reset_parameters``), at
+        the current shapes. The constructor does not call it: its layers were just drawn by
+        that same rule, and a second draw would only shift the RNG stream of every seeded run."""
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+
     def forward(self, x):
         return self.classifier(self.features(x))
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import models
 from ..errors import UserError
 from ..registry import Registry
 
@@ -105,26 +106,26 @@ def _orthp(model: nn.Module, *, activation: str = "relu") -> nn.Module:
 @register_reinit("scratch")
 def _scratch(model: nn.Module, *, activation: str = "relu",
              fresh: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """Scratch-E / Scratch-B: the pruned architecture with a fresh initialization, nothing copied.
+    """Scratch-E / Scratch-B: the pruned architecture initialised as the small dense model it is.
 
-    ``fresh()`` builds the model anew with its own constructor's initialization and the pruned
-    architecture (the pipeline passes ``prune.replay(models.create(...), plan)``): Kaiming-normal
-    convolutions, zero-init BN or whatever the constructor applies, drawn from the global torch
-    RNG.  Its result is returned (``model`` is left as it is); its parameters must have the
-    shapes of ``model``'s.  Without ``fresh`` the fallback is ``reset_parameters()`` on every
-    submodule that defines it (PyTorch's default init, which ignores a custom constructor init).
+    ``fresh()`` builds the pruned architecture anew (the pipeline passes
+    ``prune.replay(models.create(...), plan)``): its parameters must have the shapes of
+    ``model``'s; it is returned and ``model`` is left as it is.  Without ``fresh`` ``model`` itself
+    is re-initialised in place.  Either way every parameter is drawn again from the global torch
+    RNG at the pruned shapes, because default inits depend on them (Kaiming std =
+    gain / sqrt(fan)): ``reset_parameters()`` on every submodule (PyTorch's per-layer defaults,
+    BN running statistics cleared), then the model's own constructor rule
+    (``models.init_weights``: e.g. Kaiming-normal fan_out convolutions for the ResNets).
+    A slice of a dense init would carry the dense fans; nothing of that or of ``model`` is kept.
     """
+    target = model
     if fresh is not None:
-        new = fresh()
+        target = fresh()
         old = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in target.state_dict().items()}
         if old != got:
             bad = next((k for k in old.keys() | got.keys() if old.get(k) != got.get(k)), None)
             raise ValueError(f"scratch: the fresh model does not match the pruned one at {bad!r} "
                              f"({got.get(bad)} vs {old.get(bad)})")
-        return new
-    for m in model.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return model
+    with torch.no_grad():
+        return models.init_weights(target, reset=True)
