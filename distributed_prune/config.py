@@ -230,7 +230,7 @@ class MaskedCfg(_Section):
 
 class PruneCfg(_Section):
     # the rows of prune.methods.METHODS (spelled out so loading a config needs no torch;
-    # tests/unit/test_methods.py keeps the two equal)
+    # tests/unit/test_method_table.py keeps the two equal)
     method: Literal["l1", "l2", "random", "bn_scale", "taylor", "greg", "tpp", "gradual", "soft",
                     "none"] = "l1"
     ratios: str = "0"
