@@ -17,7 +17,18 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["init_weights"]
+__all__ = ["init_weights", "DefaultInit"]
+
+
+class DefaultInit:
+    """Mixin for models whose constructor keeps PyTorch's per-layer defaults: ``init_weights``
+    redraws them at the current shapes. The constructor does not call it: its layers were just
+    drawn by that same rule, and a second draw would only shift the RNG stream of seeded runs."""
+
+    def init_weights(self):
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
 
 _NORMS = (nn.BatchNorm2d, nn.GroupNorm)
 

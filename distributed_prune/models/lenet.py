@@ -1,8 +1,10 @@
 """LeNet-5 (ReLU, max-pool); works for any square input >= 8 px via adaptive pooling."""
 import torch.nn as nn
 
+from .inits import DefaultInit
 
-class LeNet5(nn.Module):
+
+class LeNet5(DefaultInit, nn.Module):
     def __init__(self, num_classes=10, in_channels=1):
         super().__init__()
         self.features = nn.Sequential(
@@ -13,14 +15,6 @@ class LeNet5(nn.Module):
             nn.Flatten(), nn.Linear(16 * 4 * 4, 120), nn.ReLU(inplace=True),
             nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
         )
-
-    def init_weights(self):
-        """The constructor's init: PyTorch's default of every layer (``reset_parameters``), at
-        the current shapes. The constructor does not call it: its layers were just drawn by
-        that same rule, and a second draw would only shift the RNG stream of every seeded run."""
-        for m in self.modules():
-            if m is not self and callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
 
     def forward(self, x):
         return self.classifier(self.features(x))

@@ -1,8 +1,10 @@
 """MLP-7 of the paper: 7 linear layers of width 100 (identity or ReLU activations)."""
 import torch.nn as nn
 
+from .inits import DefaultInit
 
-class MLP(nn.Module):
+
+class MLP(DefaultInit, nn.Module):
     """``depth`` linear layers; hidden width ``width``; input is flattened (N, in_features)."""
 
     def __init__(self, in_features=64, width=100, depth=7, num_classes=10, activation="linear"):
@@ -16,14 +18,6 @@ class MLP(nn.Module):
                 layers.append(act())
         self.features = nn.Sequential(nn.Flatten(), *layers)
         self.activation = activation
-
-    def init_weights(self):
-        """The constructor's init: PyTorch's default of every layer (``reset_parameters``), at
-        the current shapes. The constructor does not call it: its layers were just drawn by
-        that same rule, and a second draw would only shift the RNG stream of every seeded run."""
-        for m in self.modules():
-            if m is not self and callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
 
     def forward(self, x):
         return self.features(x)

@@ -5,11 +5,13 @@ makes small variants for tests (``vgg_tiny``).
 """
 import torch.nn as nn
 
+from .inits import DefaultInit
+
 CFG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
          512, 512, 512, 512]
 
 
-class VGG(nn.Module):
+class VGG(DefaultInit, nn.Module):
     def __init__(self, cfg=CFG19, num_classes=100, in_channels=3, width=1.0):
         super().__init__()
         layers, c = [], in_channels
@@ -24,14 +26,6 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c, num_classes)
-
-    def init_weights(self):
-        """The constructor's init: PyTorch's default of every layer (``reset_parameters``), at
-        the current shapes. The constructor does not call it: its layers were just drawn by
-        that same rule, and a second draw would only shift the RNG stream of every seeded run."""
-        for m in self.modules():
-            if m is not self and callable(getattr(m, "reset_parameters", None)):
-                m.reset_parameters()
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)).flatten(1))

@@ -86,6 +86,18 @@ class ChannelMasks:
         self.handles.clear()
 
 
+def conv_masks(conv: nn.Conv2d, pruned_out, pruned_in=None):
+    """0/1 channel masks of ``conv``: (out_mask, in_mask or None) with the given pruned output
+    (and input) channel indices zero."""
+    out_mask = torch.ones(conv.out_channels)
+    out_mask[sorted(pruned_out)] = 0
+    in_mask = None
+    if pruned_in is not None:
+        in_mask = torch.ones(conv.in_channels)
+        in_mask[sorted(pruned_in)] = 0
+    return out_mask, in_mask
+
+
 def use_masked_conv(model: nn.Module, kernel: str) -> bool:
     if kernel not in ("auto", "hooks", "masked_conv"):
         raise UserError(f"mask: unknown kernel {kernel!r} (auto, hooks, masked_conv)")
@@ -109,12 +121,7 @@ def _swap_masked_convs(model: nn.Module, members) -> dict:
     swapped = {}
     for name in set(outs) | set(ins):
         conv = model.get_submodule(name)
-        out_mask = torch.ones(conv.out_channels)
-        out_mask[sorted(outs.get(name, ()))] = 0
-        in_mask = None
-        if name in ins:
-            in_mask = torch.ones(conv.in_channels)
-            in_mask[sorted(ins[name])] = 0
+        out_mask, in_mask = conv_masks(conv, outs.get(name, ()), ins.get(name))
         new = MaskedConv2d.from_conv(conv, out_mask, in_mask)
         # masks are derived from the plan: keep the state_dict keys those of nn.Conv2d
         new._non_persistent_buffers_set.update({"out_mask", "in_mask"})

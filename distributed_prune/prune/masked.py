@@ -36,7 +36,7 @@ from .. import dist
 from ..errors import UserError
 from . import importance as imp
 from .groups import Graph
-from .mask import ChannelMasks, mask_targets, use_masked_conv
+from .mask import ChannelMasks, conv_masks, mask_targets, use_masked_conv
 from .plan import GroupPlan, Plan, example_for
 from .ratios import PRUNABLE_TYPES
 
@@ -213,12 +213,7 @@ class MaskedPhase:
                     (outs if dim == "out" else ins).setdefault(name, set()).update(idxs)
         for name in sorted(set(outs) | set(ins)):
             conv = model.get_submodule(name)
-            out_mask = torch.ones(conv.out_channels)
-            out_mask[sorted(outs.get(name, ()))] = 0
-            in_mask = None
-            if name in ins:
-                in_mask = torch.ones(conv.in_channels)
-                in_mask[sorted(ins[name])] = 0
+            out_mask, in_mask = conv_masks(conv, outs.get(name, ()), ins.get(name))
             if isinstance(conv, MaskedConv2d):
                 conv.set_masks(out_mask, in_mask)
                 continue
