@@ -456,6 +456,7 @@ def step_syncs(settings: dict) -> dict:
     from .. import kernels
     from ..prune import methods
     from ..prune.regularize import GReg, TPP
+    from ..train.stage import regularizer_hooks
 
     dev, gpu, sz = _ctx(settings)
     common.set_backend_flags(dev)
@@ -470,16 +471,7 @@ def step_syncs(settings: dict) -> dict:
         st = _setup(pair.dense, s)
         module = st.engine.module
         reg = cls(module, methods.targets(pair.plan, module))
-        loop = {}
-        if name == "tpp":
-            loop["extra_loss"] = lambda reg=reg, module=module: reg.loss(module)
-
-        def hook(it, reg=reg, module=module):   # the pipeline's regularizer hook
-            reg.step(it)
-            if hasattr(reg, "apply_"):
-                reg.apply_(module)
-        loop["grad_hook"] = hook
-        cases[name] = (st, loop)
+        cases[name] = (st, regularizer_hooks(reg, module))   # the training stage's own hooks
     cases["masked"] = (_setup(_masked_model(pair.dense, pair.plan), s), {})
     k = 4
     data, rows, figs = {}, [], []

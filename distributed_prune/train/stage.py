@@ -119,7 +119,7 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, s
         set_rng_state(resume["rng"])
         if regularizer is not None:
             regularizer.load_state_dict(resume["reg_state"])
-    loop_hooks = _regularizer_hooks(regularizer, eng.module)
+    loop_hooks = regularizer_hooks(regularizer, eng.module)
     if step_hook is not None:
         module, inner = eng.module, loop_hooks.get("grad_hook")
 
@@ -169,7 +169,7 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, s
     return model
 
 
-def _regularizer_hooks(regularizer, module) -> dict:
+def regularizer_hooks(regularizer, module) -> dict:
     """train_epoch's hooks for a regularizer: its schedule advances before each forward (as in
     the authors' loops), TPP's Gram loss joins the task loss, the L2 penalty's gradient is added
     after backward, TPP zeroes pruned filters after the step, and the epoch ends when done."""
