@@ -219,10 +219,10 @@ class _GrowingReg:
 
     def _resolved(self, model: nn.Module):
         """Yield (target index, layer, bn or None, pruned index tensor on the weight's device)."""
-        modules = dict(model.named_modules())
+        # get_submodule per target, not a walk of every module: this runs several times a step
         for k, t in enumerate(self.targets):
-            layer = modules[t.layer_name]
-            bn = modules[t.bn_name] if t.bn_name is not None else None
+            layer = model.get_submodule(t.layer_name)
+            bn = model.get_submodule(t.bn_name) if t.bn_name is not None else None
             yield k, layer, bn, self._indices(k, layer.weight.device)
 
     def _l2_params(self, layer: nn.Module, bn: nn.Module | None) -> list[torch.Tensor]:
