@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cmdline import ArgumentParser
 from ..dtypes import DTYPES
 from . import harness
 
@@ -243,7 +244,7 @@ def format_tables(result: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dprune bench kernels", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="dprune bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

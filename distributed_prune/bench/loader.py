@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cmdline import parse_image_size
+from ..cmdline import ArgumentParser, parse_image_size
 from . import harness
 
 MB = 1 << 20
@@ -225,7 +225,7 @@ def bench_ranks(beton: Path, *, ranks: int, os_cache: bool, batch: int, workers:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dprune bench loader", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="dprune bench loader", description=__doc__.split("\n")[0])
     p.add_argument("--num-images", type=int, default=2000)
     p.add_argument("--size", type=parse_image_size, default=(400, 350), help="WIDTHxHEIGHT of the JPEGs")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)

@@ -26,19 +26,15 @@ import time
 import torch
 
 from ..errors import UserError
+from ..cmdline import ArgumentParser
 from . import common
 
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 SPEC = "*layer*.conv1:{s},*layer*.conv2:{s}"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dprune bench masked", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="dprune bench masked", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--spec", default=SPEC, help="ratio spec with {s} for the sparsity")
     p.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))

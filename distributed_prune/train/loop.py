@@ -2,12 +2,16 @@
 scratch training (evaluation is in :mod:`distributed_prune.eval`).
 
 No host synchronisation per step: loss and accuracy are accumulated on the device and read
-once per epoch (after an all-reduce). So is divergence: every step marks, on the device, the
-index of the first optimizer step whose loss was not finite; the host reads that mark with the
-epoch's statistics, and the caller stops the run there (the epoch is neither logged nor
-checkpointed, so the newest checkpoint is the last good one). The steps after the bad one in the
-same epoch still run on NaN weights: a per-step check would cost a host sync per step, which
-the loop avoids (it is the price of an asynchronous GPU pipeline).
+once per epoch (after an all-reduce). Divergence is watched without one too
+(:class:`DivergenceWatch`): every step marks, on the device, the index of the first optimizer
+step whose loss was not finite; that mark is combined over ranks by a one-element all-reduce
+queued on the device (no host wait) and copied to pinned host memory behind a CUDA event. The
+host reads the copy of step k when it is about to start step k + ``lag`` (``lag`` = 2 on CUDA:
+by then the event has normally fired, so the read does not drain the GPU's queue; 0 on CPU,
+where there is no queue), and every rank reads the same all-reduced value at the same step, so
+all ranks stop together, with no rank left waiting in a collective. The caller stops the run
+there, naming the bad step (the epoch is neither logged nor checkpointed, so the newest
+checkpoint is the last good one); at most ``lag`` steps ran after the bad one.
 """
 from __future__ import annotations
 
@@ -27,6 +31,52 @@ def to_device(x, device, channels_last):
     return x
 
 
+class DivergenceWatch:
+    """The first optimizer step (1-based) whose loss was not finite, read by the host ``lag``
+    steps late without a host synchronisation per step (see the module's docstring).
+    ``mark(total, step)`` records a micro-step's loss; ``poll(step)`` is called after each
+    optimizer step and returns the bad step once it is known (the same on every rank)."""
+
+    NONE = torch.iinfo(torch.int64).max
+
+    def __init__(self, device: torch.device, lag: Optional[int] = None):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.lag = (2 if self.cuda else 0) if lag is None else lag
+        self.first_bad = torch.full((), self.NONE, device=device, dtype=torch.int64)
+        self.pending = []          # (optimizer step, host tensor, event or None), oldest first
+        # one pinned host slot (and event) per step in flight; slot k is reused at step k + lag + 1,
+        # after step k's read has waited for its event
+        self.slots = [(torch.empty((), dtype=torch.int64, pin_memory=self.cuda),
+                       torch.cuda.Event() if self.cuda else None) for _ in range(self.lag + 1)]
+
+    def mark(self, total: torch.Tensor, step: int):
+        bad = ~torch.isfinite(total.detach()) & (self.first_bad == self.NONE)
+        self.first_bad.masked_fill_(bad, step)
+
+    def poll(self, step: int) -> Optional[int]:
+        """After optimizer step ``step``: queue its mark, read the one ``lag`` steps older."""
+        agreed = dist.all_reduce_min(self.first_bad.clone())   # device-side; ranks agree
+        host, event = self.slots[step % len(self.slots)]
+        host.copy_(agreed, non_blocking=self.cuda)
+        if event is not None:
+            event.record()
+        self.pending.append((step, host, event))
+        while self.pending and self.pending[0][0] <= step - self.lag:
+            _, host, event = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()   # normally already fired: the GPU is <= lag steps behind
+            if int(host) != self.NONE:
+                return int(host)
+        return None
+
+    def final(self) -> Optional[int]:
+        """At the end of the epoch (after its statistics' all-reduce): the bad step, if any."""
+        agreed = dist.all_reduce_min(self.first_bad.clone())
+        v = int(agreed.item())
+        return None if v == self.NONE else v
+
+
 def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
                 label_smoothing: float = 0.0, channels_last: bool = False,
                 extra_loss: Optional[Callable[[], torch.Tensor]] = None,
@@ -42,15 +92,17 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
     when it returns True (the regularization phase is done); ``max_iterations`` ends it after
     that many optimizer steps (a fractional last epoch).  ``iteration0`` is the global
     optimizer-step count at the start of the epoch. Returns train_loss, train_top1, iterations,
-    stopped (True when ``after_step`` ended the epoch)."""
+    stopped (True when ``after_step`` ended the epoch) and nonfinite_step (the first optimizer
+    step whose loss was not finite, or None; the epoch ends at most ``DivergenceWatch.lag`` steps
+    after it)."""
     model, device = engine.model, engine.device
     model.train()
     n_batches = len(loader)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)
-    no_bad = torch.iinfo(torch.int64).max
-    first_bad = torch.full((), no_bad, device=device, dtype=torch.int64)  # 1-based step, on device
+    watch = DivergenceWatch(device)
+    bad_step = None
     it = 0
     stopped = False
     bar = None
@@ -74,8 +126,7 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
             total = loss if extra_loss is None else loss + extra_loss()
             engine.backward(total / grad_accum)
         loss_sum += loss.detach().double() * y.numel()
-        bad = ~torch.isfinite(total.detach()) & (first_bad == no_bad)
-        first_bad.masked_fill_(bad, it + 1)
+        watch.mark(total, it + 1)
         correct += (out.detach().argmax(1) == y).sum()
         count += y.numel()
         if last_micro:
@@ -84,19 +135,20 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
                 grad_hook(iteration0 + it)
             engine.step()
             it += 1
-            if after_step is not None and after_step(iteration0 + it - 1):
+            bad_step = watch.poll(it)
+            if bad_step is None and after_step is not None and after_step(iteration0 + it - 1):
                 stopped = True
         if bar is not None:
             bar.update(1)
-        if stopped:
+        if stopped or bad_step is not None:
             break
     if bar is not None:
         bar.close()
     stats = torch.stack([loss_sum, correct.double(), count.double()])
     dist.all_reduce_sum(stats)
-    dist.all_reduce_min(first_bad)
     loss_v, correct_v, count_v = stats.tolist()
-    bad_step = int(first_bad.item())
+    if bad_step is None:
+        bad_step = watch.final()
     return {"train_loss": loss_v / max(count_v, 1), "train_top1": correct_v / max(count_v, 1),
             "samples": int(count_v), "iterations": it, "stopped": stopped,
-            "nonfinite_step": None if bad_step == no_bad else bad_step}
+            "nonfinite_step": bad_step}

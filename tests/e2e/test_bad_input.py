@@ -212,6 +212,9 @@ CASES = [
     _case(["bench", "kernels", "--sparsities", "1.5"], "--sparsities", id="bench-kernels-sparsity"),
     _case(["bench", "loader", "--epochs", "1"], "--epochs", id="bench-loader-epochs"),
     _case(["bench", "loader", "--ranks", "x"], "--ranks", id="bench-loader-ranks"),
+    _case(["bench", "loader", "--bogus"], "--bogus", id="bench-loader-unknown-option"),
+    _case(["bench", "kernels", "--reps", "x"], "--reps", id="bench-kernels-reps-not-int"),
+    _case(["bench", "masked", "--bogus"], "--bogus", id="bench-masked-unknown-option"),
     _case(["bench", "nosuch"], "invalid choice", id="bench-unknown"),
 ]
 

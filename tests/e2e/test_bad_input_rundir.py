@@ -320,8 +320,8 @@ def test_metrics_rows_are_strict_json(tmp_path):
 
 # --------------------------------------------------------------------------- divergence
 def test_nonfinite_loss_is_caught_at_its_step():
-    """The 3rd optimizer step of epoch 1 sees an inf input: the epoch raises naming that step,
-    and the hook (log + checkpoint) never runs for it."""
+    """The 3rd optimizer step of epoch 1 sees an inf input: the epoch stops right after that step
+    (no later batch is fetched) and raises naming it; the hook (log + checkpoint) never runs for it."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
     x_bad = x.clone()
@@ -329,11 +329,13 @@ def test_nonfinite_loss_is_caught_at_its_step():
 
     class Switch(torch.utils.data.Dataset):   # clean in epoch 0, poisoned in epoch 1
         epoch = 0
+        fetched = 0                           # samples read in epoch 1
 
         def __len__(self):
             return 48
 
         def __getitem__(self, i):
+            self.fetched += self.epoch
             return (x if self.epoch == 0 else x_bad)[i], y[i]
 
     ds = Switch()
@@ -349,6 +351,26 @@ def test_nonfinite_loss_is_caught_at_its_step():
                      optim=OptimSettings(), engine=EngineSettings(device=torch.device("cpu")),
                      evaluate=lambda m: 0.5, hooks=[hook])
     assert seen == [0]
+    assert ds.fetched == 3 * 8                # steps 4-6 of epoch 1 never ran
+
+
+def test_divergence_watch_reads_lag_steps_late_and_names_the_first_bad_step():
+    """The GPU setting (lag 2) exercised on CPU: step 3's mark is read after step 5, and the
+    step reported is the first bad one even though later steps are bad too."""
+    from distributed_prune.train.loop import DivergenceWatch
+
+    watch = DivergenceWatch(torch.device("cpu"), lag=2)
+    seen = []
+    for step in range(1, 9):
+        watch.mark(torch.tensor(float("nan") if step >= 3 else 1.0), step)
+        seen.append(watch.poll(step))
+    assert seen == [None, None, None, None, 3, 3, 3, 3]
+    clean = DivergenceWatch(torch.device("cpu"), lag=2)
+    for step in range(1, 4):
+        clean.mark(torch.tensor(2.0), step)
+        assert clean.poll(step) is None
+    clean.mark(torch.tensor(float("inf")), 4)   # the last step: only the end-of-epoch read sees it
+    assert clean.poll(4) is None and clean.final() == 4
 
 
 def test_divergent_run_stops_with_exit_3(tmp_path):
