@@ -43,10 +43,10 @@ def filter_norms(weights: Sequence[torch.Tensor], p: int,
         if grads is not None:
             g = grads[i].detach().reshape(w.shape[0], -1).float()
             out.append((rows * g).sum(1).abs())
-        elif p == 1:
-            out.append(rows.abs().mean(1))
+        elif p == 1:   # one reduction, no |W| temporary (planning scores every weight of a model)
+            out.append(torch.linalg.vector_norm(rows, 1, dim=1).div_(rows.shape[1]))
         else:
-            out.append(rows.pow(2).sum(1).sqrt())
+            out.append(torch.linalg.vector_norm(rows, 2, dim=1))
     return out
 
 

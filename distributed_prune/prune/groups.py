@@ -149,6 +149,7 @@ class Graph:
         self.order = order
         self.unmapped = self._update_index_mappings()
         self._full: dict[str, list[Member]] = {}
+        self._ident: dict[str, list[bool]] = {}
         self._fine: set = set()  # nodes no group is refused for
 
     def _update_index_mappings(self) -> dict:
@@ -332,11 +333,18 @@ class Graph:
         full = self._full.get(root)
         if full is None:
             full = self._full[root] = self._compute(root)
+            # per member: does channel k move with root channel k (the usual case)?
+            self._ident[root] = [mb.idxs == mb.root_idxs == list(range(len(mb.idxs))) for mb in full]
         if idxs is None:
             return full
         want = set(int(i) for i in idxs)
+        chosen = sorted(want)
         out = []
-        for mb in full:
+        for mb, identity in zip(full, self._ident[root]):
+            if identity:
+                if chosen:
+                    out.append(Member(mb.name, mb.module, mb.dim, list(chosen), list(chosen), mb.dep))
+                continue
             pairs = [(i, r) for i, r in zip(mb.idxs, mb.root_idxs) if r in want]
             if pairs:
                 out.append(Member(mb.name, mb.module, mb.dim, [i for i, _ in pairs],
