@@ -39,18 +39,24 @@ def _run(fn, tensors, masks, conv, go=None):
     return y, (x.grad, w.grad, b.grad), go
 
 
+def _native_matches_reference(tensors, masks, conv, tolerance):
+    """The native op's output and gradients equal the reference's; returns the output."""
+    with kernels.set_backend("native"):
+        y, grads, go = _run(kernels.masked_conv2d, tensors, masks, conv)
+    y_ref, grads_ref, _ = _run(reference.masked_conv2d, tensors, masks, conv, go)
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, **tolerance)
+    return y
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("in_mask", [False, True], ids=["", "in_mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_masked_conv_matches_reference(native_ops, case, channels_last, in_mask, dtype, tol):
     tensors, masks, conv = _make(case, dtype, channels_last, in_mask)
-    with kernels.set_backend("native"):
-        y, grads, go = _run(kernels.masked_conv2d, tensors, masks, conv)
-    y_ref, grads_ref, _ = _run(reference.masked_conv2d, tensors, masks, conv, go)
-    torch.testing.assert_close(y, y_ref, **tol(dtype))
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, **tol(dtype))
+    y = _native_matches_reference(tensors, masks, conv, tol(dtype))
     if channels_last and conv["groups"] == 1:
         assert y.is_contiguous(memory_format=torch.channels_last)
 
@@ -110,11 +116,6 @@ def test_cuda_masked_conv(native_ops, dtype, tol):
         tensors, masks, conv = _make(CASES["3x3_s2"], dtype, True, True)
         tensors = tuple(t.cuda() for t in tensors)
         masks = tuple(m.cuda() for m in masks)
-        with kernels.set_backend("native"):
-            y, grads, go = _run(kernels.masked_conv2d, tensors, masks, conv)
-        y_ref, grads_ref, _ = _run(reference.masked_conv2d, tensors, masks, conv, go)
-        torch.testing.assert_close(y, y_ref, **tol(dtype))
-        for g, g_ref in zip(grads, grads_ref):
-            torch.testing.assert_close(g, g_ref, **tol(dtype))
+        _native_matches_reference(tensors, masks, conv, tol(dtype))
     finally:
         torch.backends.cudnn.allow_tf32 = True
