@@ -148,3 +148,32 @@ def test_compact_is_gradual_only():
     net = _net("resnet20")
     with pytest.raises(UserError, match="execution"):
         _phase(net, CASES[0][1], CASES[0][2], "compact", kind="soft")
+
+
+def test_no_host_sync_between_updates(monkeypatch):
+    """Between updates a compact step reads nothing from the device (on CPU we spy on the calls
+    that would sync a GPU); the update itself may."""
+    name, spec, shape = CASES[0]
+    net = _net(name)
+    phase = _phase(net, spec, shape, "compact", update_interval=4)
+    eng = CompactEngine(net, phase, _build)
+    batches = _batches(8, shape)
+
+    def steps(first, last):
+        for it in range(first, last):
+            x, y = batches[it]
+            F.cross_entropy(eng.model(x), y).backward()
+            eng.unscale()
+            eng.step_hook(None, it)
+            eng.step()
+    steps(0, 5)                                   # past the update at iteration 4
+    assert phase.n_pruned() > 0 and eng.rebuilds == 2
+    calls = []
+    for meth in ("item", "tolist", "cpu", "nonzero"):
+        real = getattr(torch.Tensor, meth)
+        monkeypatch.setattr(torch.Tensor, meth,
+                            lambda self, *a, _r=real, _n=meth, **k: calls.append(_n) or _r(self, *a, **k))
+    real_nz = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("nonzero") or real_nz(*a, **k))
+    steps(5, 8)                                   # iterations 5-7: no update due
+    assert calls == [] and eng.rebuilds == 2
