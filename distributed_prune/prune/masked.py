@@ -10,7 +10,9 @@ Two update rules share one component, :class:`MaskedPhase`:
   the lowest-scored among the still-active channels.  Masks are enforced by
   :class:`~.mask.ChannelMasks` (weights re-zeroed before each forward, gradients zeroed) and,
   for plain Conv2d layers, by :class:`~distributed_prune.kernels.MaskedConv2d`, whose kernel
-  skips the masked channels (the speed of this phase).
+  skips the masked channels; or, with ``execution="compact"``, not put on the model at all:
+  :mod:`distributed_prune.train.compact` trains the cut model of the masks (:mod:`.compact`)
+  and the model here only holds the full-shaped weights at each update.
 * ``soft`` - soft filter pruning (He et al., IJCAI 2018).  At every update (once per epoch) the
   lowest-scored channels of each group, up to its full target, are zeroed; nothing stops them
   from training, so they get updates and may come back at the next update.
@@ -176,7 +178,7 @@ class MaskedPhase:
 
     # ------------------------------------------------------------------ masks on the model
     def member_channels(self, root: str):
-        """(module name, module, "out"/"in", member channel indices) for the pruned root channels."""
+        """(module name, "out"/"in", member channel indices) for the pruned root channels."""
         pruned = set(self.pruned[root])
         for mb in self._members[root]:
             idxs = [i for i, r in zip(mb.idxs, mb.root_idxs) if r in pruned]
