@@ -226,6 +226,9 @@ class MaskedCfg(_Section):
     ramp_fraction: float = Field(0.75, gt=0, le=1)  # gradual: target reached at this phase fraction
     criterion: Literal["l1", "l2"] = "l1"     # importance recomputed at every update
     kernel: Literal["auto", "masked_conv", "hooks"] = "auto"  # auto: masked-conv kernels on CUDA
+    # gradual: compact (train the cut model of the current masks, re-cut at each update) or
+    # masked (the full model with masks, `kernel`); auto: compact on the ddp engine, else masked
+    execution: Literal["auto", "compact", "masked"] = "auto"
 
 
 class PruneCfg(_Section):

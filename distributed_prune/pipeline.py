@@ -168,9 +168,26 @@ def _check_inputs(cfg, ctx, model, data):
         raise UserError("dist.sync_bn=true needs CUDA (SyncBatchNorm refuses CPU modules)")
     if cfg.retrain.scratch_budget != "none" and cfg.prune.reinit != "scratch":
         raise UserError("retrain.scratch_budget needs prune.reinit=scratch")
+    if m.phase is Phase.MASKED:
+        masked_execution(cfg)                 # refuses compact where it cannot run
     if m.criterion is not None:
         prune.plan(model, cfg.prune.ratios, criterion="random", example_input=data.example,
                    skip=cfg.prune.skip, round_to=cfg.prune.round_to)
+
+
+def masked_execution(cfg) -> str:
+    """``prune.masked.execution`` resolved: ``auto`` is ``compact`` for gradual pruning on the
+    ddp engine (one process or DDP), ``masked`` for soft pruning (its zeroed filters keep
+    training: the dense model by design) and under DeepSpeed (its engine partitions the
+    optimizer state at construction; rebuilding it at every mask update is not done)."""
+    ex, kind = cfg.prune.masked.execution, cfg.prune.method
+    can = kind == "gradual" and cfg.dist.engine == "ddp"
+    if ex == "auto":
+        return "compact" if can else "masked"
+    if ex == "compact" and not can:
+        raise UserError(f"prune.masked.execution=compact needs prune.method=gradual and "
+                        f"dist.engine=ddp (got {kind}, {cfg.dist.engine}); use masked or auto")
+    return ex
 
 
 # --------------------------------------------------------------------------- the stages
@@ -351,7 +368,8 @@ class Stages:
                             schedule=mc.schedule,
                             update_interval=iters if self.method.name == "soft" else mc.update_interval,
                             total_iterations=cfg.prune.epochs * iters,
-                            ramp_fraction=mc.ramp_fraction, kernel=mc.kernel)
+                            ramp_fraction=mc.ramp_fraction, kernel=mc.kernel,
+                            execution=masked_execution(cfg))
         state = (self.train_state or {}).get("masked") if at.stage == Stage.PRUNE else None
         if state:
             phase.load_state_dict(json.loads(state), model)
@@ -363,10 +381,11 @@ class Stages:
             end.row["mask_sparsity"] = phase.n_pruned() / channels  # of the plan's prunable channels
             self.ckpt_extra = {"masked": json.dumps(phase.state_dict())}
 
+        compact = phase.execution == "compact"
         model = self._train(Stage.PRUNE, model, at, epochs=cfg.prune.epochs,
-                            schedule=cfg.prune.lr_schedule,
-                            optim=OptimSettings.of(cfg.retrain), step_hook=phase.step,
-                            pre_hooks=[record_masks])
+                            schedule=cfg.prune.lr_schedule, optim=OptimSettings.of(cfg.retrain),
+                            step_hook=None if compact else phase.step,
+                            compact=phase if compact else None, pre_hooks=[record_masks])
         self.ckpt_extra = {}
         model.to(self.device)
         return model, phase.finish(model)
@@ -421,7 +440,7 @@ class Stages:
     # ---- training, evaluation, files
     def _train(self, stage: Stage, model, at: Point | None, *, epochs, schedule, optim,
                regularizer=None, jsv_every=False, start_epoch=None, step_hook=None,
-               pre_hooks=()):
+               compact=None, pre_hooks=()):
         """One stage of :func:`~distributed_prune.train.stage.train_epochs`, resumed from ``at``
         (None: from ``start_epoch``, without a saved training state)."""
         if start_epoch is None:
@@ -433,7 +452,7 @@ class Stages:
                             schedule=schedule, optim=optim, engine=self.engine,
                             evaluate=self.evaluate, start_epoch=start_epoch, resume=resume,
                             regularizer=regularizer, hooks=hooks, progress=self.progress,
-                            step_hook=step_hook)
+                            step_hook=step_hook, compact=compact)
 
     def _log_jsv(self, end: EpochEnd):
         end.row["jsv_mean"] = self.jsv(end.module)["mean"]

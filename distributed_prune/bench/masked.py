@@ -14,6 +14,13 @@ of the same plan are timed in the same run; every configuration alternates with 
 (every ``prune.masked.update_interval`` steps) are not in the step time; ``update_ms`` is the
 cost of one (rescoring all layers, new masks).
 
+``compact`` is the step of compact execution (``prune.masked.execution=compact``, the gradual
+default): the cut model of the masks, trained by a :class:`~..train.compact.CompactEngine`
+after a real update from no masks to the target (fold back, rescore, cut, new engine and
+optimizer with the sliced state).  Nothing is added per step; ``compact_update_ms`` is that
+update, and ``compact+upd`` adds it amortised over ``--update-interval`` steps (the config's
+default, 100).
+
 Targets (issue 15): at s >= 0.5 the masked step takes <= (1 - s) + 0.15 of the dense step on one
 H100/H200 (bf16, channels_last, batch 128, 224 px), <= (1 - s) + 0.3 on CPU (fp32).
 """
@@ -44,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
+    p.add_argument("--update-interval", type=int, default=100,
+                   help="steps between mask updates, to amortise compact's update cost")
     p.add_argument("--steps", type=int, default=1, help="steps per timed repetition")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -82,6 +91,48 @@ def _masked_setup(dense, plan, st: dict, args):
     return setup, phase, 1e3 * (time.perf_counter() - t0)
 
 
+def _compact_setup(dense, plan, st: dict, args):
+    """A TrainSetup whose engine is a CompactEngine, after one timed update from no masks to the
+    phase's target; returns (setup, update ms)."""
+    from ..prune.masked import MaskedPhase
+    from ..train.compact import CompactEngine
+    from ..train.engine import build_engine
+    from ..train.optim import build_optimizer
+    from ..train.schedules import EpochIterLR
+
+    device = st["device"]
+    setup = common.TrainSetup(dense, device=device, batch=st["batch"],
+                              input_size=st["input_size"], num_classes=st["num_classes"],
+                              amp=args.amp, channels_last=st["channels_last"], seed=args.seed)
+    full = setup.engine.module
+
+    def build(m):
+        m.to(device)
+        if st["channels_last"]:
+            m.to(memory_format=torch.channels_last)
+        opt = build_optimizer(m, name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4)
+        return build_engine("ddp", m, opt, device=device, amp=args.amp)
+
+    # update 0 keeps every channel, update 1 (the end of a one-step ramp) reaches the target
+    phase = MaskedPhase(full, plan, kind="gradual", update_interval=1, total_iterations=1,
+                        ramp_fraction=1.0, execution="compact")
+    eng = CompactEngine(full, phase, build)
+    setup.engine, setup.lr_driver = eng, EpochIterLR(eng, "0:0.01", 1, 1)
+    setup.run(1, grad_hook=lambda it: eng.step_hook(None, it))     # grads and momentum exist
+    spent = []
+
+    def timed(it):
+        common.sync(device)
+        t0 = time.perf_counter()
+        eng.step_hook(None, it)
+        common.sync(device)
+        spent.append(1e3 * (time.perf_counter() - t0))
+    setup.run(1, grad_hook=timed, iteration0=1)
+    if phase.n_pruned() != sum(g.n - len(g.keep) for g in plan.groups):
+        raise RuntimeError("bench masked: the compact update did not reach the target")
+    return setup, spent[0]
+
+
 def _with_backend(setup, name, steps):
     from ..kernels import set_backend
 
@@ -93,7 +144,8 @@ def _with_backend(setup, name, steps):
 
 def bench(args):
     st = common.base_settings(args)
-    common.check_positive(steps=args.steps, reps=args.reps, warmup=args.warmup, batch=st["batch"])
+    common.check_positive(steps=args.steps, reps=args.reps, warmup=args.warmup, batch=st["batch"],
+                          update_interval=args.update_interval)
     try:
         sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     except ValueError:
@@ -128,6 +180,8 @@ def bench(args):
                    "plan_sha256": pair.plan.sha256(), "masked_channels": phase.n_pruned()}
         for b in backends:
             fns[f"masked[{b}]@{s}"] = _with_backend(setup, b, args.steps)
+        compact, info[s]["compact_update_ms"] = _compact_setup(dense, pair.plan, st, args)
+        fns[f"compact@{s}"] = compact.run
     steps = args.steps
     fns = {k: (f if k.startswith("masked") else (lambda f=f: f(steps))) for k, f in fns.items()}
     times = common.alternate(fns, reps=args.reps, warmup=args.warmup, device=device)
@@ -145,15 +199,23 @@ def bench(args):
             row[f"{b}_ms"] = med[f"masked[{b}]@{s}"]
             row[f"{b}_ratio"] = r
             cells.append(f"{r:.2f}")
-        cells += [f"{row['target_ratio']:.2f}" if s >= 0.5 else "-", f"{info[s]['update_ms']:.0f}"]
+        row["compact_ms"] = med[f"compact@{s}"]
+        row["compact_ratio"] = row["compact_ms"] / dense_ms
+        row["compact_amortized_ratio"] = (row["compact_ms"] + info[s]["compact_update_ms"]
+                                          / args.update_interval) / dense_ms
+        cells += [f"{row['compact_ratio']:.2f}", f"{row['compact_amortized_ratio']:.2f}"]
+        cells += [f"{row['target_ratio']:.2f}" if s >= 0.5 else "-",
+                  f"{info[s]['update_ms']:.0f} / {info[s]['compact_update_ms']:.0f}"]
         rows.append(row)
         table_rows.append(cells)
     header = (["sparsity", "MACs x", "pruned"] + [f"masked[{b}]" for b in backends]
-              + ["target", "update ms"])
+              + ["compact", f"compact+upd/{args.update_interval}", "target",
+                 "update ms (masked / compact)"])
     result = {"model": args.model, "spec": args.spec, "batch": st["batch"],
               "input_size": list(st["input_size"]), "amp": args.amp,
               "channels_last": st["channels_last"], "steps": steps, "reps": args.reps,
               "warmup": args.warmup, "backends": backends, "skipped": skipped,
+              "update_interval": args.update_interval,
               "dense_ms": dense_ms, "rows": rows, **common.env_info(device)}
     text = (f"masked phase step time / dense step ({args.model}, batch {st['batch']}, "
             f"{'x'.join(map(str, st['input_size']))}, {args.amp}, {device.type}; dense "

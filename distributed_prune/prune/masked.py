@@ -10,7 +10,9 @@ Two update rules share one component, :class:`MaskedPhase`:
   the lowest-scored among the still-active channels.  Masks are enforced by
   :class:`~.mask.ChannelMasks` (weights re-zeroed before each forward, gradients zeroed) and,
   for plain Conv2d layers, by :class:`~distributed_prune.kernels.MaskedConv2d`, whose kernel
-  skips the masked channels (the speed of this phase).
+  skips the masked channels; or, with ``execution="compact"``, not put on the model at all:
+  :mod:`distributed_prune.train.compact` trains the cut model of the masks (:mod:`.compact`)
+  and the model here only holds the full-shaped weights at each update.
 * ``soft`` - soft filter pruning (He et al., IJCAI 2018).  At every update (once per epoch) the
   lowest-scored channels of each group, up to its full target, are zeroed; nothing stops them
   from training, so they get updates and may come back at the next update.
@@ -43,6 +45,7 @@ from .ratios import PRUNABLE_TYPES
 __all__ = ["KINDS", "SCHEDULES", "ramp", "MaskedPhase"]
 
 KINDS = ("gradual", "soft")
+EXECUTIONS = ("masked", "compact")
 SCHEDULES = ("cubic", "linear")
 STATE_VERSION = 1
 
@@ -65,12 +68,16 @@ class MaskedPhase:
     and the ratios; the kept channels of the plan are not used (the phase chooses them).
     ``total_iterations``: optimizer steps in the phase; ``update_interval``: steps between
     updates (soft: the steps of one epoch); ``kernel``: ``auto`` / ``masked_conv`` / ``hooks``
-    as in :func:`~.mask.apply_masks` (gradual only).
+    as in :func:`~.mask.apply_masks` (gradual only).  ``execution``: ``masked`` puts the masks on
+    the model given to the updates (hooks and masked-conv kernels); ``compact`` (gradual only)
+    leaves that model as storage of the full-shaped weights, with the masked entries zero,
+    while :mod:`distributed_prune.train.compact` trains the cut model of the current masks.
     """
 
     def __init__(self, model: nn.Module, plan: Plan, *, kind: str = "gradual",
                  criterion: str = "l1", schedule: str = "cubic", update_interval: int = 100,
-                 total_iterations: int = 1, ramp_fraction: float = 0.75, kernel: str = "auto"):
+                 total_iterations: int = 1, ramp_fraction: float = 0.75, kernel: str = "auto",
+                 execution: str = "masked"):
         if kind not in KINDS:
             raise UserError(f"prune.masked.kind: unknown kind {kind!r} ({', '.join(KINDS)})")
         if criterion not in imp.NORM_CRITERIA or criterion == "taylor":
@@ -79,11 +86,15 @@ class MaskedPhase:
         if update_interval < 1 or total_iterations < 1:
             raise UserError(f"prune.masked: update_interval and the phase's iterations must be "
                             f">= 1, got {update_interval} and {total_iterations}")
+        if execution not in EXECUTIONS or (execution == "compact" and kind != "gradual"):
+            raise UserError(f"prune.masked.execution: {execution!r} is not available for "
+                            f"prune.method={kind} (gradual: {', '.join(EXECUTIONS)}; soft: masked)")
         if not 0.0 < ramp_fraction <= 1.0:
             raise UserError(f"prune.masked.ramp_fraction must be in (0, 1], got {ramp_fraction}")
         self.kind, self.criterion, self.schedule = kind, criterion, schedule
         self.update_interval, self.total_iterations = int(update_interval), int(total_iterations)
         self.ramp_fraction, self.kernel = float(ramp_fraction), kernel
+        self.execution = execution
         self.plan = plan
         self.targets = {g.root: g.n - len(g.keep) for g in plan.groups}
         self.pruned: dict[str, list[int]] = {g.root: [] for g in plan.groups}
@@ -96,6 +107,7 @@ class MaskedPhase:
         self._members = {g.root: graph.members(g.root) for g in plan.groups}
         self._masks: ChannelMasks | None = None
         self._swapped: dict[str, nn.Module] = {}
+        self._applied = False       # the current masks are on the model
 
     # ------------------------------------------------------------------ schedule
     def target_at(self, iteration: int) -> dict[str, int]:
@@ -147,21 +159,26 @@ class MaskedPhase:
                              "sha256": sha})
         self._apply(model)
 
+    def pending(self, iteration: int) -> bool:
+        """Whether :meth:`step` at ``iteration`` runs an update (host-side arithmetic only)."""
+        if not self.due(iteration):
+            return False
+        # gradual: the ramp finished or is flat here, and the masks are on: nothing changes
+        return not (self.kind == "gradual" and self._applied and self.target_at(iteration) == {
+            r: len(p) for r, p in self.pruned.items()})
+
     def step(self, model: nn.Module, iteration: int) -> bool:
         """Call once before each optimizer step ``iteration`` of the phase; updates when due.
         Returns whether an update ran (only then is the host synchronised)."""
         self.iteration = int(iteration)
-        if not self.due(iteration):
+        if not self.pending(iteration):
             return False
-        if self.kind == "gradual" and self.target_at(iteration) == {
-                r: len(p) for r, p in self.pruned.items()} and self._masks is not None:
-            return False                       # ramp finished or flat here: nothing changes
         self.update(model, iteration)
         return True
 
     # ------------------------------------------------------------------ masks on the model
-    def _members_pruned(self, root: str):
-        """(module name, module, "out"/"in", member channel indices) for the pruned root channels."""
+    def member_channels(self, root: str):
+        """(module name, "out"/"in", member channel indices) for the pruned root channels."""
         pruned = set(self.pruned[root])
         for mb in self._members[root]:
             idxs = [i for i, r in zip(mb.idxs, mb.root_idxs) if r in pruned]
@@ -176,6 +193,12 @@ class MaskedPhase:
             # would also zero the filters' gradient (dL/dw flows through gamma)
             self._build_masks(model, filters_only=True).zero_()
             return
+        self._applied = True
+        if self.execution == "compact":
+            # the model only stores the weights between the cut models' segments
+            # (train.compact): the masked entries are zero in it, nothing runs through it
+            self._build_masks(model).zero_()
+            return
         if self._masks is not None:
             self._masks.remove()
         if _use_kernel(model, self.kernel):
@@ -188,7 +211,7 @@ class MaskedPhase:
     def _build_masks(self, model: nn.Module, filters_only: bool = False) -> ChannelMasks:
         masks = ChannelMasks()
         for root in self.pruned:
-            for name, dim, idxs in self._members_pruned(root):
+            for name, dim, idxs in self.member_channels(root):
                 mod = model.get_submodule(name)
                 if filters_only and (dim != "out" or not isinstance(mod, PRUNABLE_TYPES)):
                     continue
@@ -208,7 +231,7 @@ class MaskedPhase:
                 m = model.get_submodule(mb.name)
                 if isinstance(m, nn.Conv2d) and m.groups == 1:
                     (outs if mb.dim == "out" else ins).setdefault(mb.name, set())
-            for name, dim, idxs in self._members_pruned(root):
+            for name, dim, idxs in self.member_channels(root):
                 if name in outs or name in ins:
                     (outs if dim == "out" else ins).setdefault(name, set()).update(idxs)
         for name in sorted(set(outs) | set(ins)):

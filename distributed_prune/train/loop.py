@@ -95,8 +95,8 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
     stopped (True when ``after_step`` ended the epoch) and nonfinite_step (the first optimizer
     step whose loss was not finite, or None; the epoch ends at most ``DivergenceWatch.lag`` steps
     after it)."""
-    model, device = engine.model, engine.device
-    model.train()
+    device = engine.device
+    engine.model.train()
     n_batches = len(loader)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -121,7 +121,7 @@ def train_epoch(engine, loader, *, epoch: int, lr_driver, grad_accum: int = 1,
                 step_hook(iteration0 + it)
         with engine.no_sync(not last_micro):
             with engine.autocast():
-                out = model(x)
+                out = engine.model(x)   # read each step: compact execution swaps it
                 loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
             total = loss if extra_loss is None else loss + extra_loss()
             engine.backward(total / grad_accum)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import TrainingDiverged, UserError
+from .compact import CompactEngine
 from .engine import build_engine
 from .loop import train_epoch
 from .optim import build_optimizer
@@ -82,7 +83,8 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, s
                  evaluate: Callable[[nn.Module], float], start_epoch: int = 0,
                  resume: Optional[dict] = None, regularizer=None,
                  hooks: Sequence[EpochHook] = (), progress: bool = False,
-                 step_hook: Optional[Callable[[nn.Module, int], None]] = None) -> nn.Module:
+                 step_hook: Optional[Callable[[nn.Module, int], None]] = None,
+                 compact=None) -> nn.Module:
     """Train epochs ``start_epoch .. ceil(epochs)-1``; returns the plain (unwrapped) module.
 
     A fractional ``epochs`` cuts the last epoch to that fraction of its iterations (Scratch-B's
@@ -94,7 +96,10 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, s
     then carry ``reg``, ``iterations`` and ``epochs_done``). ``evaluate(module) -> top1`` runs
     after each epoch. ``step_hook(module, iteration)`` runs after backward and before each
     optimizer step, after the regularizer's gradient (the masked phase's mask updates);
-    ``iteration`` counts optimizer steps from the stage's start."""
+    ``iteration`` counts optimizer steps from the stage's start. ``compact``: a gradual
+    :class:`~distributed_prune.prune.masked.MaskedPhase` with ``execution="compact"`` over
+    ``model``: the stage trains the cut model of its masks (:mod:`.compact`; it takes the place
+    of ``step_hook``), and hooks, checkpoints and the returned module see the full model."""
     n_epochs = math.ceil(round(epochs, 9))
     if epochs <= 0 or start_epoch >= n_epochs:
         return model
@@ -102,14 +107,27 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, s
     if engine.channels_last:
         model.to(memory_format=torch.channels_last)
     sched = parse_schedule(schedule)
-    opt = build_optimizer(model, name=optim.optimizer, lr=sched.lr_at(0, total_epochs=n_epochs),
-                          momentum=optim.momentum, weight_decay=optim.weight_decay,
-                          nesterov=optim.nesterov)
-    eng = build_engine(engine.name, model, opt, device=engine.device, amp=engine.amp,
-                       sync_bn=engine.sync_bn, bucket_cap_mb=engine.bucket_cap_mb,
-                       static_graph=engine.static_graph, compile=engine.compile,
-                       grad_accum=engine.grad_accum, ds_config=engine.ds_config,
-                       micro_batch=engine.micro_batch, world_size=engine.world_size)
+
+    def build(m):
+        m.to(engine.device)
+        if engine.channels_last:
+            m.to(memory_format=torch.channels_last)
+        opt = build_optimizer(m, name=optim.optimizer, lr=sched.lr_at(0, total_epochs=n_epochs),
+                              momentum=optim.momentum, weight_decay=optim.weight_decay,
+                              nesterov=optim.nesterov)
+        return build_engine(engine.name, m, opt, device=engine.device, amp=engine.amp,
+                            sync_bn=engine.sync_bn, bucket_cap_mb=engine.bucket_cap_mb,
+                            static_graph=engine.static_graph, compile=engine.compile,
+                            grad_accum=engine.grad_accum, ds_config=engine.ds_config,
+                            micro_batch=engine.micro_batch, world_size=engine.world_size)
+
+    if compact is None:
+        eng = build(model)
+    else:
+        if step_hook is not None or regularizer is not None or engine.name != "ddp":
+            raise UserError("compact execution runs a masked phase alone, on the ddp engine")
+        eng = CompactEngine(model, compact, build)
+        step_hook = eng.step_hook
     iters = max(1, -(-len(train_loader) // engine.grad_accum))
     total_iters = round(epochs * iters)
     lr_driver = EpochIterLR(eng, schedule, n_epochs, iters)
@@ -151,7 +169,8 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, s
         # the loss all-reduce in train_epoch synchronised the device: this is the training time
         train_s = time.time() - t0
         eng.sync_buffers()  # rank 0's BN statistics on every rank: eval == checkpoint
-        top1 = evaluate(eng.module)
+        top1 = evaluate(eng.module)   # compact: the cut model, which computes the masked one
+        module = eng.full_module() if compact is not None else eng.module
         row = {"stage": stage, "epoch": epoch, "lr": sched.lr_at(epoch, total_epochs=n_epochs),
                "train_loss": stats["train_loss"], "train_top1": stats["train_top1"], "top1": top1,
                "time_s": round(time.time() - t0, 3),
@@ -159,7 +178,7 @@ def train_epochs(model: nn.Module, train_loader, *, stage: str, epochs: float, s
         if regularizer is not None:
             row.update(reg=regularizer.reg, iterations=regularizer.iteration + 1,
                        epochs_done=(regularizer.iteration + 1) / iters)
-        end = EpochEnd(stage, epoch, n_epochs, row, eng.module, training_state)
+        end = EpochEnd(stage, epoch, n_epochs, row, module, training_state)
         for hook in hooks:
             hook(end)
         if end.stop or (regularizer is not None and regularizer.done):

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_masked_cpu_smoke(tmp_path, capsys):
     from distributed_prune.bench import masked
@@ -16,10 +18,15 @@ def test_bench_masked_cpu_smoke(tmp_path, capsys):
     assert res["backends"] == ["reference", "gather"] and "triton" in res["skipped"]
     (row,) = res["rows"]
     assert row["sparsity"] == 0.5 and row["masked_channels"] > 0
-    for k in ("pruned_ratio", "reference_ratio", "gather_ratio"):
+    for k in ("pruned_ratio", "reference_ratio", "gather_ratio", "compact_ratio",
+              "compact_update_ms"):
         assert row[k] > 0
+    # compact+upd: the compact step plus the update amortised over --update-interval steps
+    assert row["compact_amortized_ratio"] == pytest.approx(
+        (row["compact_ms"] + row["compact_update_ms"] / 100) / res["dense_ms"])
     assert row["target_ratio"] == 0.5 + 0.3                # CPU target: (1 - s) + 0.3
-    assert "masked[gather]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "masked[gather]" in out and "compact+upd/100" in out
 
 
 def test_bench_masked_bad_input_is_one_line(tmp_path):

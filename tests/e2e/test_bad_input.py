@@ -143,6 +143,8 @@ CASES = [
     _case(["run", "cfg.yaml", "data.input_size=0"], "data.input_size", id="run-input-size-zero"),
     _case(["run", "cfg.yaml", "pxfy.total_epochs=10"], "pxfy.lr_schedule", id="run-pxfy-without-schedule"),
     _case(["run", "cfg.yaml", "prune.foo=1"], "unknown key 'prune.foo'", id="run-unknown-key"),
+    _case(["run", "cfg.yaml", "prune.method=soft", "prune.epochs=1", "prune.masked.execution=compact"],
+          "prune.masked.execution=compact", "gradual", id="run-compact-soft"),
     _case(["run", "cfg.yaml", "dist.engine=deepspeed"], "DeepSpeed is not installed", "pip install deepspeed",
           hide_deepspeed=True, id="run-deepspeed-not-installed"),
     # ---- dprune run: overrides

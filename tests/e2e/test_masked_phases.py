@@ -67,12 +67,15 @@ def _cli(out, name, *over, **env):
 
 @pytest.mark.parametrize("kind", ["gradual", "soft"])
 def test_resume_in_the_middle_of_the_phase_gives_the_same_result(tmp_path, kind):
+    """gradual runs compact (the cut model is rebuilt from the checkpoint's full model and
+    full-shaped optimizer state), soft runs masked."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    r = _cli(ref, kind)
+    ex = f"prune.masked.execution={'compact' if kind == 'gradual' else 'masked'}"
+    r = _cli(ref, kind, ex)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _cli(out, kind, DPRUNE_FAULT="prune:1")        # SIGKILL after the phase's 2nd epoch
+    r = _cli(out, kind, ex, DPRUNE_FAULT="prune:1")    # SIGKILL after the phase's 2nd epoch
     assert r.returncode != 0 and (out / ".fault-injected").exists()
-    r = _cli(out, kind)
+    r = _cli(out, kind, ex)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stdout and "prune-0001.pt" in r.stdout
     a, b = _rows(ref), _rows(out)
@@ -84,3 +87,40 @@ def test_resume_in_the_middle_of_the_phase_gives_the_same_result(tmp_path, kind)
     wb = torch.load(out / "checkpoints" / "final.pt", weights_only=True)["state_dict"]
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_compact_execution_equals_masked_execution(tmp_path):
+    """prune.masked.execution=compact (the gradual default: the cut model of the current masks
+    is trained, folded back and re-cut at every update) ends where masked execution (the full
+    model with masks) ends: the same masks at every update, the same plan, the same weights up
+    to float rounding at the cut, and the same accuracy."""
+    runs = {}
+    for ex in ("masked", "compact"):
+        s = pipeline.run(_cfg("gradual", tmp_path, ex, prune__masked__execution=ex,
+                              trainability__jsv=False))
+        d = tmp_path / ex
+        last = torch.load(d / "checkpoints" / "prune-0002.pt", weights_only=True)
+        runs[ex] = (s, d, json.loads(last["masked"]), last)
+    (sm, dm, hm, lm), (sc, dc, hc, lc) = runs["masked"], runs["compact"]
+    assert hc["updates"] > 3 and hc["history"] == hm["history"]     # hashes at every update
+    assert sc["plan_sha256"] == sm["plan_sha256"]
+    assert (dc / "plan.json").read_text() == (dm / "plan.json").read_text()
+    # the checkpoint contract: the full model and the full-shaped optimizer state
+    assert lc["state_dict"].keys() == lm["state_dict"].keys()
+    for k, v in lm["state_dict"].items():
+        assert lc["state_dict"][k].shape == v.shape, k
+    om, oc = lm["engine"]["optimizer"]["state"], lc["engine"]["optimizer"]["state"]
+    assert om.keys() == oc.keys()
+    for i in om:
+        assert om[i]["momentum_buffer"].shape == oc[i]["momentum_buffer"].shape
+    # the cut at the end of the phase: the same weights up to rounding
+    pm = torch.load(dm / "checkpoints" / "pruned.pt", weights_only=True)["state_dict"]
+    pc = torch.load(dc / "checkpoints" / "pruned.pt", weights_only=True)["state_dict"]
+    assert pm.keys() == pc.keys()
+    for k in pm:
+        torch.testing.assert_close(pc[k], pm[k], rtol=1e-5, atol=1e-5, msg=k)
+    for a, b in zip(_rows(dm), _rows(dc)):
+        assert (a["stage"], a["epoch"]) == (b["stage"], b["epoch"])
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert abs(a["top1"] - b["top1"]) <= 0.005                # at most 2 of 450 images
+    assert abs(sc["final"]["top1"] - sm["final"]["top1"]) <= 0.005
