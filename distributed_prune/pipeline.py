@@ -37,7 +37,7 @@ from .dtypes import amp_dtype
 from .errors import UserError
 from .eval import evaluate
 from .prune.decide import compose_plans, decide, step_ratios, taylor_grads
-from .prune.masked import MaskedPhase
+from .prune.masked import MaskedPhase, resolve_execution
 from .prune.methods import Method, Phase, method, targets
 from .prune.regularize import check_phase
 from .prune.reinit import reinit
@@ -169,25 +169,14 @@ def _check_inputs(cfg, ctx, model, data):
     if cfg.retrain.scratch_budget != "none" and cfg.prune.reinit != "scratch":
         raise UserError("retrain.scratch_budget needs prune.reinit=scratch")
     if m.phase is Phase.MASKED:
-        masked_execution(cfg)                 # refuses compact where it cannot run
+        _execution(cfg)                       # refuses compact where it cannot run
     if m.criterion is not None:
         prune.plan(model, cfg.prune.ratios, criterion="random", example_input=data.example,
                    skip=cfg.prune.skip, round_to=cfg.prune.round_to)
 
 
-def masked_execution(cfg) -> str:
-    """``prune.masked.execution`` resolved: ``auto`` is ``compact`` for gradual pruning on the
-    ddp engine (one process or DDP), ``masked`` for soft pruning (its zeroed filters keep
-    training: the dense model by design) and under DeepSpeed (its engine partitions the
-    optimizer state at construction; rebuilding it at every mask update is not done)."""
-    ex, kind = cfg.prune.masked.execution, cfg.prune.method
-    can = kind == "gradual" and cfg.dist.engine == "ddp"
-    if ex == "auto":
-        return "compact" if can else "masked"
-    if ex == "compact" and not can:
-        raise UserError(f"prune.masked.execution=compact needs prune.method=gradual and "
-                        f"dist.engine=ddp (got {kind}, {cfg.dist.engine}); use masked or auto")
-    return ex
+def _execution(cfg) -> str:
+    return resolve_execution(cfg.prune.masked.execution, cfg.prune.method, cfg.dist.engine)
 
 
 # --------------------------------------------------------------------------- the stages
@@ -369,7 +358,7 @@ class Stages:
                             update_interval=iters if self.method.name == "soft" else mc.update_interval,
                             total_iterations=cfg.prune.epochs * iters,
                             ramp_fraction=mc.ramp_fraction, kernel=mc.kernel,
-                            execution=masked_execution(cfg))
+                            execution=_execution(cfg))
         state = (self.train_state or {}).get("masked") if at.stage == Stage.PRUNE else None
         if state:
             phase.load_state_dict(json.loads(state), model)

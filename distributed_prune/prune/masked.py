@@ -42,7 +42,7 @@ from .mask import ChannelMasks, conv_masks, mask_targets, use_masked_conv
 from .plan import GroupPlan, Plan, example_for
 from .ratios import PRUNABLE_TYPES
 
-__all__ = ["KINDS", "SCHEDULES", "ramp", "MaskedPhase"]
+__all__ = ["KINDS", "SCHEDULES", "ramp", "MaskedPhase", "resolve_execution"]
 
 KINDS = ("gradual", "soft")
 EXECUTIONS = ("masked", "compact")
@@ -320,6 +320,20 @@ class MaskedPhase:
                 from None
         if model is not None:
             self.begin(model)
+
+
+def resolve_execution(execution: str, kind: str, engine: str) -> str:
+    """``prune.masked.execution`` resolved: ``auto`` is ``compact`` for gradual pruning on the
+    ddp engine (one process or DDP), ``masked`` for soft pruning (its zeroed filters keep
+    training: the dense model by design) and under DeepSpeed (its engine partitions the
+    optimizer state at construction; rebuilding it at every mask update is not done)."""
+    can = kind == "gradual" and engine == "ddp"
+    if execution == "auto":
+        return "compact" if can else "masked"
+    if execution == "compact" and not can:
+        raise UserError(f"prune.masked.execution=compact needs prune.method=gradual and "
+                        f"dist.engine=ddp (got {kind}, {engine}); use masked or auto")
+    return execution
 
 
 def _n_out(model: nn.Module, name: str) -> int:
