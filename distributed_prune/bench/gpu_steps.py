@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..dtypes import DTYPES, amp_dtype, canonical
 from . import common, harness
+from . import masked as masked_bench
 from .gpu_child import Skipped
 
 R50_SPEC = common.RESNET50_RATIOS                 # the 2.31x plan
@@ -421,13 +422,18 @@ def step_masked(settings: dict) -> dict:
             if gpu:   # warm-up (and compilation) outside the timed repetitions; the CPU
                 run()  # interpreter compiles nothing and is slow, so it is timed cold once
             runs[b] = run
+        # compact execution (the gradual phase's default): the cut model of the masks
+        compact, _ = masked_bench.compact_setup(pair.dense, pair.plan, s, amp=s["amp"])
+        compact.run(1)
+        runs["compact"] = (lambda st=compact: st.run(sz["steps"]))
         t = harness.medians(harness.alternate(runs, reps=sz["reps"] if gpu else 1, warmup=0, device=dev))
         ms = {k: v / sz["steps"] for k, v in t.items()}
         data[label] = {"spec": spec, "mac_speedup": pair.mac_speedup, "step_ms": ms}
         for k, v in ms.items():
             rows.append([label, k, f"{v:.2f}", f"{v / ms['dense']:.2f}x"])
             if k != "dense":
-                figs.append(figure(f"{label}: masked step, {k} backend / dense", v / ms["dense"], "x"))
+                what = "compact step" if k == "compact" else f"masked step, {k} backend"
+                figs.append(figure(f"{label}: {what} / dense", v / ms["dense"], "x"))
     for b, why in backends.items():
         if why:
             rows.append(["-", b, "skipped", why])

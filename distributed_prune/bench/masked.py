@@ -91,9 +91,10 @@ def _masked_setup(dense, plan, st: dict, args):
     return setup, phase, 1e3 * (time.perf_counter() - t0)
 
 
-def _compact_setup(dense, plan, st: dict, args):
+def compact_setup(dense, plan, st: dict, *, amp: str = "none", seed: int = 0):
     """A TrainSetup whose engine is a CompactEngine, after one timed update from no masks to the
-    phase's target; returns (setup, update ms)."""
+    phase's target; returns (setup, update ms). ``st``: device, batch, input_size, num_classes,
+    channels_last (as :func:`.common.base_settings` gives them)."""
     from ..prune.masked import MaskedPhase
     from ..train.compact import CompactEngine
     from ..train.engine import build_engine
@@ -103,7 +104,7 @@ def _compact_setup(dense, plan, st: dict, args):
     device = st["device"]
     setup = common.TrainSetup(dense, device=device, batch=st["batch"],
                               input_size=st["input_size"], num_classes=st["num_classes"],
-                              amp=args.amp, channels_last=st["channels_last"], seed=args.seed)
+                              amp=amp, channels_last=st["channels_last"], seed=seed)
     full = setup.engine.module
 
     def build(m):
@@ -111,7 +112,7 @@ def _compact_setup(dense, plan, st: dict, args):
         if st["channels_last"]:
             m.to(memory_format=torch.channels_last)
         opt = build_optimizer(m, name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4)
-        return build_engine("ddp", m, opt, device=device, amp=args.amp)
+        return build_engine("ddp", m, opt, device=device, amp=amp)
 
     # update 0 keeps every channel, update 1 (the end of a one-step ramp) reaches the target
     phase = MaskedPhase(full, plan, kind="gradual", update_interval=1, total_iterations=1,
@@ -180,7 +181,8 @@ def bench(args):
                    "plan_sha256": pair.plan.sha256(), "masked_channels": phase.n_pruned()}
         for b in backends:
             fns[f"masked[{b}]@{s}"] = _with_backend(setup, b, args.steps)
-        compact, info[s]["compact_update_ms"] = _compact_setup(dense, pair.plan, st, args)
+        compact, info[s]["compact_update_ms"] = compact_setup(dense, pair.plan, st, amp=args.amp,
+                                                              seed=args.seed)
         fns[f"compact@{s}"] = compact.run
     steps = args.steps
     fns = {k: (f if k.startswith("masked") else (lambda f=f: f(steps))) for k, f in fns.items()}
