@@ -60,3 +60,18 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _temporary_cwd(tmp_path_factory, monkeypatch):
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Spy on the calls that read device memory from the host (``item``, ``tolist``, ``cpu``,
+    ``nonzero``): returns the list of their names, called from now on. On CPU nothing syncs, so
+    these calls stand for the host synchronisations they would be on a GPU."""
+    calls = []
+    for name in ("item", "tolist", "cpu", "nonzero"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _r=real, _n=name, **k: calls.append(_n) or _r(self, *a, **k))
+    real_nz = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("nonzero") or real_nz(*a, **k))
+    return calls

@@ -150,7 +150,7 @@ def test_compact_is_gradual_only():
         _phase(net, CASES[0][1], CASES[0][2], "compact", kind="soft")
 
 
-def test_no_host_sync_between_updates(monkeypatch):
+def test_no_host_sync_between_updates(request):
     """Between updates a compact step reads nothing from the device (on CPU we spy on the calls
     that would sync a GPU); the update itself may."""
     name, spec, shape = CASES[0]
@@ -168,12 +168,6 @@ def test_no_host_sync_between_updates(monkeypatch):
             eng.step()
     steps(0, 5)                                   # past the update at iteration 4
     assert phase.n_pruned() > 0 and eng.rebuilds == 2
-    calls = []
-    for meth in ("item", "tolist", "cpu", "nonzero"):
-        real = getattr(torch.Tensor, meth)
-        monkeypatch.setattr(torch.Tensor, meth,
-                            lambda self, *a, _r=real, _n=meth, **k: calls.append(_n) or _r(self, *a, **k))
-    real_nz = torch.nonzero
-    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("nonzero") or real_nz(*a, **k))
+    calls = request.getfixturevalue("host_reads")
     steps(5, 8)                                   # iterations 5-7: no update due
     assert calls == [] and eng.rebuilds == 2

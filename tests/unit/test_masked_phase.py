@@ -181,7 +181,7 @@ def test_bad_state_and_options_are_user_errors():
         _phase(net, criterion="taylor")
 
 
-def test_no_host_sync_between_updates(monkeypatch):
+def test_no_host_sync_between_updates(request):
     """Between updates a training step reads nothing from the device: no nonzero, item,
     tolist or copies to the host (on CPU we spy on the calls that would sync a GPU)."""
     net = _net()
@@ -191,12 +191,6 @@ def test_no_host_sync_between_updates(monkeypatch):
     # past the update at iteration 4 and the forward after it (which recomputes the cached
     # active-channel indices of the layers whose masks changed: part of the update's cost)
     _train(net, phase, batches[:6], opt)
-    calls = []
-    for name in ("item", "tolist", "cpu", "nonzero"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *a, _r=real, _n=name, **k: calls.append(_n) or _r(self, *a, **k))
-    real_nz = torch.nonzero
-    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("nonzero") or real_nz(*a, **k))
+    calls = request.getfixturevalue("host_reads")
     _train(net, phase, batches[6:8], opt, start=6)       # iterations 6-7: no update due
     assert calls == []
