@@ -109,15 +109,16 @@ class CompactEngine:
             phase.iteration = int(iteration)
             return
         small = self.inner.module
-        self.cut.fold(small)
-        grads = {n: self.cut.put(n, p.grad) for n, p in small.named_parameters()
-                 if p.grad is not None}
-        opt_state = self._full_optimizer_state()
+        self.cut.fold(small)                    # the phase scores the current weights
         before = {r: list(v) for r, v in phase.pruned.items()}
         phase.step(self.full, iteration)
         if phase.pruned == before:
             return                              # same masks: the same cut model goes on
-        self._recut(opt_state, grads, self.inner.scaler)
+        # the old cut model and optimizer are untouched by the update: their gradients and state,
+        # in the full shape, seed the new ones
+        grads = {n: self.cut.put(n, p.grad) for n, p in small.named_parameters()
+                 if p.grad is not None}
+        self._recut(self._full_optimizer_state(), grads, self.inner.scaler)
 
     def _recut(self, opt_state, grads, scaler) -> None:
         training = self.inner.module.training if self.inner is not None else self.full.training

@@ -56,9 +56,10 @@ class DivergenceWatch:
 
     def poll(self, step: int) -> Optional[int]:
         """After optimizer step ``step``: queue its mark, read the one ``lag`` steps older."""
-        agreed = dist.all_reduce_min(self.first_bad.clone())   # device-side; ranks agree
+        # in place, on the device: the ranks' earliest bad step is every rank's mark from now on
+        dist.all_reduce_min(self.first_bad)
         host, event = self.slots[step % len(self.slots)]
-        host.copy_(agreed, non_blocking=self.cuda)
+        host.copy_(self.first_bad, non_blocking=self.cuda)
         if event is not None:
             event.record()
         self.pending.append((step, host, event))
@@ -72,8 +73,7 @@ class DivergenceWatch:
 
     def final(self) -> Optional[int]:
         """At the end of the epoch (after its statistics' all-reduce): the bad step, if any."""
-        agreed = dist.all_reduce_min(self.first_bad.clone())
-        v = int(agreed.item())
+        v = int(dist.all_reduce_min(self.first_bad).item())
         return None if v == self.NONE else v
 
 
